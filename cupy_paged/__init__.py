@@ -1,0 +1,20 @@
+"""cupy_paged: paged-KV-cache attention (ONNX Runtime PagedAttention semantics) for CuPy and NumPy.
+
+    import cupy_paged as cpg
+    out = cpg.paged_attention(q, k, v, key_cache, value_cache, cum, past, block_table,
+                              num_heads=32, kv_num_heads=8)
+"""
+from .api import paged_attention
+from .errors import CompileError, ToolchainError, UnsupportedError
+from .reference import paged_attention_reference
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "paged_attention",
+    "paged_attention_reference",
+    "UnsupportedError",
+    "ToolchainError",
+    "CompileError",
+    "__version__",
+]

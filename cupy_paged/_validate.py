@@ -1,0 +1,276 @@
+"""Every boundary check of ``paged_attention``, with messages that say what to fix.
+
+``check_arguments`` looks at shapes, dtypes, ranks, contiguity and attribute values (host-known
+facts, no device access) and returns the ``Problem`` every later stage reads.
+``check_metadata`` looks at the values of the metadata arrays (NumPy copies of them).
+Dtype and array-kind faults raise TypeError; everything else ValueError.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+import numpy as np
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Host-known description of one call: sizes, dtype and options (all Python scalars)."""
+
+    num_tokens: int           # T
+    batch: int                # B
+    num_heads: int            # N
+    kv_num_heads: int         # Nkv
+    head_size: int            # H
+    block_size: int
+    num_blocks: int
+    max_blocks: int           # block_table.shape[1]
+    packed: bool
+    dtype: str                # "float16", "bfloat16", ...
+    scale: float              # resolved: 1/sqrt(H) when the caller passed 0
+    softcap: float            # <= 0: off
+    window: int               # local_window_size; <= 0: off
+    do_rotary: bool
+    rotary_interleaved: bool
+    rotary_dim: int           # R (0 without cos/sin)
+    cos_rows: int             # max_pos (0 without cos/sin)
+
+    @property
+    def group(self):
+        """G = N / Nkv query heads per kv head."""
+        return self.num_heads // self.kv_num_heads
+
+
+def check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window_size,
+                    do_rotary, rotary_interleaved):
+    """Static checks of every argument; returns the call's ``Problem``.
+
+    a: mapping of argument name -> NumPy/CuPy array or None (query, key, value, key_cache,
+    value_cache, cumulative_sequence_length, past_seqlens, block_table, cos_cache, sin_cache,
+    out).
+    """
+    num_heads = _positive_int("num_heads", num_heads)
+    kv_num_heads = _positive_int("kv_num_heads", kv_num_heads)
+    if num_heads % kv_num_heads:
+        raise ValueError(f"num_heads: must be a multiple of kv_num_heads ({kv_num_heads}), "
+                         f"got {num_heads}")
+    scale = _finite("scale", scale)
+    if scale < 0:
+        raise ValueError(f"scale: expected >= 0 (0 means 1/sqrt(head_size)), got {scale}")
+    softcap = _finite("softcap", softcap)
+    window = _integer("local_window_size", local_window_size)
+
+    for name, array in a.items():
+        if array is not None and not array.flags.c_contiguous:
+            raise ValueError(f"{name}: must be C-contiguous, got strides {array.strides} for "
+                             f"shape {array.shape}; pass xp.ascontiguousarray({name})")
+
+    key_cache, value_cache = a["key_cache"], a["value_cache"]
+    _rank("key_cache", key_cache, 4, "(num_blocks, block_size, kv_num_heads, head_size)")
+    dtype = _float_dtype("key_cache", key_cache)
+    num_blocks, block_size, cache_heads, head_size = (int(d) for d in key_cache.shape)
+    _same("value_cache", value_cache, key_cache, "key_cache")
+    if cache_heads != kv_num_heads:
+        raise ValueError(f"key_cache: expected shape[2] == kv_num_heads ({kv_num_heads}), "
+                         f"got shape {tuple(key_cache.shape)}")
+    if head_size % 8 or head_size == 0:
+        raise ValueError(f"key_cache: head_size (shape[3]) must be a positive multiple of 8, "
+                         f"got {head_size}")
+    if block_size < 1:
+        raise ValueError(f"key_cache: block_size (shape[1]) must be >= 1, got {block_size}")
+
+    num_tokens, packed = _check_qkv(a, dtype, num_heads, kv_num_heads, head_size)
+    batch = _check_metadata_shapes(a)
+    rotary_dim, cos_rows = _check_rotary(a, dtype, head_size, do_rotary)
+    out = a.get("out")
+    if out is not None:
+        _dtype_is("out", out, dtype)
+        if tuple(out.shape) != (num_tokens, num_heads * head_size):
+            raise ValueError(f"out: expected shape {(num_tokens, num_heads * head_size)}, "
+                             f"got {tuple(out.shape)}")
+
+    return Problem(
+        num_tokens=num_tokens, batch=batch, num_heads=num_heads, kv_num_heads=kv_num_heads,
+        head_size=head_size, block_size=block_size, num_blocks=num_blocks,
+        max_blocks=int(a["block_table"].shape[1]), packed=packed, dtype=dtype,
+        scale=scale if scale > 0 else 1.0 / math.sqrt(head_size), softcap=softcap,
+        window=window, do_rotary=bool(do_rotary), rotary_interleaved=bool(rotary_interleaved),
+        rotary_dim=rotary_dim, cos_rows=cos_rows)
+
+
+def check_metadata(problem, cum, past, block_table):
+    """Data checks of the metadata values (host NumPy arrays); raises ValueError naming the
+    argument and the first offending sequence."""
+    cum = np.asarray(cum, dtype=np.int64)
+    past = np.asarray(past, dtype=np.int64)
+    table = np.asarray(block_table, dtype=np.int64)
+    name = "cumulative_sequence_length"
+    if cum[0] != 0:
+        raise ValueError(f"{name}[0]: must be 0, got {cum[0]}")
+    if cum[-1] != problem.num_tokens:
+        raise ValueError(f"{name}[{problem.batch}]: must equal the number of query rows T = "
+                         f"{problem.num_tokens}, got {cum[-1]}")
+    drops = np.flatnonzero(np.diff(cum) < 0)
+    if drops.size:
+        b = int(drops[0])
+        raise ValueError(f"{name}: must be non-decreasing, got {name}[{b}] = {cum[b]} > "
+                         f"{name}[{b + 1}] = {cum[b + 1]}")
+    negative = np.flatnonzero(past < 0)
+    if negative.size:
+        b = int(negative[0])
+        raise ValueError(f"past_seqlens[{b}] = {past[b]}: must be >= 0")
+    bad = np.argwhere((table < -1) | (table >= problem.num_blocks))
+    if bad.size:
+        b, col = (int(i) for i in bad[0])
+        raise ValueError(f"block_table[{b}, {col}] = {table[b, col]}: block ids must lie in "
+                         f"[-1, num_blocks = {problem.num_blocks})")
+    q_lens = np.diff(cum)
+    ends = past + q_lens
+    capacity = problem.max_blocks * problem.block_size
+    over = np.flatnonzero((q_lens > 0) & (ends > capacity))
+    if over.size:
+        b = int(over[0])
+        raise ValueError(
+            f"block_table: sequence {b} needs positions up to past_seqlens[{b}] + q_len = "
+            f"{past[b]} + {q_lens[b]} = {ends[b]}, more than the table's capacity "
+            f"max_blocks * block_size = {problem.max_blocks} * {problem.block_size} = {capacity}")
+    if problem.do_rotary:
+        beyond = np.flatnonzero((q_lens > 0) & (ends > problem.cos_rows))
+        if beyond.size:
+            b = int(beyond[0])
+            raise ValueError(
+                f"cos_cache: sequence {b} reaches position {ends[b] - 1} (past_seqlens[{b}] = "
+                f"{past[b]}, q_len {q_lens[b]}) but cos_cache has only {problem.cos_rows} rows")
+
+
+def _check_qkv(a, dtype, num_heads, kv_num_heads, head_size):
+    """Returns (T, packed) after checking query, key and value against the cache."""
+    query, key, value = a["query"], a["key"], a["value"]
+    _rank("query", query, 2, "(T, num_heads * head_size)")
+    _dtype_is("query", query, dtype, "key_cache")
+    num_tokens, width = (int(d) for d in query.shape)
+    if (key is None) != (value is None):
+        given, missing = ("key", "value") if value is None else ("value", "key")
+        raise ValueError(f"{missing}: is None but {given} is given; pass both, or neither "
+                         "with a packed query")
+    if key is None:
+        per_token = num_heads + 2 * kv_num_heads
+        if width != per_token * head_size:
+            why = ("" if width % per_token == 0 else
+                   f" ({width} is not a multiple of num_heads + 2 * kv_num_heads = {per_token})")
+            raise ValueError(
+                f"query: packed QKV (key and value None) expects shape "
+                f"{(num_tokens, per_token * head_size)} = (T, (num_heads + 2 * kv_num_heads) * "
+                f"head_size), got {tuple(query.shape)}{why}")
+        return num_tokens, True
+    if width != num_heads * head_size:
+        raise ValueError(f"query: expected shape {(num_tokens, num_heads * head_size)} = "
+                         f"(T, num_heads * head_size), got {tuple(query.shape)}")
+    for name, array in (("key", key), ("value", value)):
+        _rank(name, array, 2, "(T, kv_num_heads * head_size)")
+        _dtype_is(name, array, dtype, "key_cache")
+        if tuple(array.shape) != (num_tokens, kv_num_heads * head_size):
+            raise ValueError(f"{name}: expected shape {(num_tokens, kv_num_heads * head_size)} "
+                             f"= (T, kv_num_heads * head_size), got {tuple(array.shape)}")
+    return num_tokens, False
+
+
+def _check_metadata_shapes(a):
+    """Returns B after checking the three int32 metadata arrays' ranks and lengths."""
+    cum, past, table = a["cumulative_sequence_length"], a["past_seqlens"], a["block_table"]
+    for name, array, rank in (("cumulative_sequence_length", cum, 1),
+                              ("past_seqlens", past, 1), ("block_table", table, 2)):
+        if array is None:
+            raise TypeError(f"{name}: expected an int32 array, got None")
+        _rank(name, array, rank, "(B + 1,)" if rank == 1 and name[0] == "c" else
+              "(B,)" if rank == 1 else "(B, max_blocks_per_seq)")
+        if str(array.dtype) != "int32":
+            raise TypeError(f"{name}: expected dtype int32, got {array.dtype}"
+                            + ("; cast with .astype('int32')" if array.dtype.kind in "iu" else ""))
+    if cum.shape[0] < 1:
+        raise ValueError("cumulative_sequence_length: expected shape (B + 1,) with B >= 0, "
+                         f"got {tuple(cum.shape)}")
+    batch = int(cum.shape[0]) - 1
+    if past.shape[0] != batch:
+        raise ValueError(f"past_seqlens: expected shape ({batch},) (one entry per sequence, "
+                         f"B = len(cumulative_sequence_length) - 1 = {batch}), "
+                         f"got {tuple(past.shape)}")
+    if table.shape[0] != batch:
+        raise ValueError(f"block_table: expected {batch} rows (one per sequence), "
+                         f"got shape {tuple(table.shape)}")
+    return batch
+
+
+def _check_rotary(a, dtype, head_size, do_rotary):
+    """Returns (R, max_pos) of cos/sin, or (0, 0) without them."""
+    cos, sin = a["cos_cache"], a["sin_cache"]
+    if (cos is None) != (sin is None):
+        given, missing = ("cos_cache", "sin_cache") if sin is None else ("sin_cache", "cos_cache")
+        raise ValueError(f"{missing}: is None but {given} is given; pass both or neither")
+    if cos is None:
+        if do_rotary:
+            raise ValueError("cos_cache: do_rotary=True needs cos_cache and sin_cache "
+                             "(see cupy_paged.rotary_cache), got None")
+        return 0, 0
+    _rank("cos_cache", cos, 2, "(max_pos, rotary_dim / 2)")
+    _same("sin_cache", sin, cos, "cos_cache")
+    _dtype_is("cos_cache", cos, dtype, "query")
+    rows, half = (int(d) for d in cos.shape)
+    if half < 1 or 2 * half > head_size:
+        raise ValueError(f"cos_cache: rotary_dim = 2 * shape[1] must lie in [2, head_size = "
+                         f"{head_size}], got shape {tuple(cos.shape)}")
+    return 2 * half, rows
+
+
+def _rank(name, array, rank, layout):
+    if array.ndim != rank:
+        raise ValueError(f"{name}: expected {rank} dimensions {layout}, "
+                         f"got shape {tuple(array.shape)}")
+
+
+def _float_dtype(name, array):
+    dtype = str(array.dtype)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype ({', '.join(FLOAT_DTYPES)}), "
+                        f"got {dtype}")
+    return dtype
+
+
+def _dtype_is(name, array, dtype, like="key_cache"):
+    if str(array.dtype) != dtype:
+        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of {like}), "
+                        f"got {array.dtype}")
+
+
+def _same(name, array, like, like_name):
+    """``array`` must match ``like`` in shape and dtype."""
+    if array.ndim != like.ndim or tuple(array.shape) != tuple(like.shape):
+        raise ValueError(f"{name}: expected the shape of {like_name} {tuple(like.shape)}, "
+                         f"got {tuple(array.shape)}")
+    if array.dtype != like.dtype:
+        raise TypeError(f"{name}: expected the dtype of {like_name} ({like.dtype}), "
+                        f"got {array.dtype}")
+
+
+def _positive_int(name, value):
+    value = _integer(name, value)
+    if value <= 0:
+        raise ValueError(f"{name}: expected a positive integer, got {value}")
+    return value
+
+
+def _integer(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    return int(value)
+
+
+def _finite(name, value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return float(value)

@@ -1,0 +1,70 @@
+"""``paged_attention``: validate -> plan (pick the backend, say why) -> launch."""
+from __future__ import annotations
+
+import os
+
+from . import _validate, backends
+from ._arrays import adopt_arrays
+
+
+def paged_attention(
+    query, key, value, key_cache, value_cache,
+    cumulative_sequence_length, past_seqlens, block_table,
+    cos_cache=None, sin_cache=None, *,
+    num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
+    do_rotary=False, rotary_interleaved=False,
+    backend="auto", validate=False, out=None,
+):
+    """Attention of new tokens over a paged KV cache (ONNX Runtime ``PagedAttention`` semantics).
+
+    query: (T, N*H), or packed (T, (N+2*Nkv)*H) with key = value = None.
+    key, value: (T, Nkv*H). key_cache, value_cache: (num_blocks, block_size, Nkv, H), updated
+    in place with the new (rotated) keys and values.
+    cumulative_sequence_length: int32 (B+1,); past_seqlens: int32 (B,);
+    block_table: int32 (B, max_blocks_per_seq), -1 = unmapped.
+    cos_cache, sin_cache: (max_pos, rotary_dim/2), used when do_rotary.
+    dtypes: float16 / bfloat16 on the GPU; float16 / float32 / float64 on NumPy.
+    scale: 0 means 1/sqrt(H); softcap > 0 caps logits as c*tanh(s/c); local_window_size > 0
+    lets each query see that many keys ending at itself.
+    backend: "auto" | "flash" | "mea" | "reference". validate: also run the data-dependent
+    checks on GPU input (one device->host sync); NumPy input is always checked.
+    out: optional preallocated (T, N*H) output.
+    Returns (T, N*H) in query's dtype, as the same kind of array as the input.
+    See ``shared/spec/semantics.md`` for the exact contract.
+    """
+    requested = backends.check_backend_name(backend)
+    adopted = adopt_arrays({
+        "query": query, "key": key, "value": value,
+        "key_cache": key_cache, "value_cache": value_cache,
+        "cumulative_sequence_length": cumulative_sequence_length,
+        "past_seqlens": past_seqlens, "block_table": block_table,
+        "cos_cache": cos_cache, "sin_cache": sin_cache, "out": out})
+    problem = _validate.check_arguments(
+        adopted.arrays, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
+        softcap=softcap, local_window_size=local_window_size, do_rotary=do_rotary,
+        rotary_interleaved=rotary_interleaved)
+
+    sm = _device_sm(adopted) if adopted.kind == "cupy" else None
+    chosen = backends.choose_backend(requested, problem, adopted.kind, sm)
+
+    if adopted.kind == "numpy" or validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1":
+        _validate.check_metadata(problem, *_metadata_on_host(adopted))
+    return adopted.wrap(chosen.run(problem, adopted))
+
+
+def _device_sm(adopted):
+    """Compute capability of the GPU holding the arrays, e.g. 90."""
+    return int(adopted.arrays["query"].device.compute_capability)
+
+
+def _metadata_on_host(adopted):
+    """(cum, past, block_table) as NumPy arrays, with one device->host copy on the GPU."""
+    a = adopted.arrays
+    cum, past, table = (a["cumulative_sequence_length"], a["past_seqlens"], a["block_table"])
+    if adopted.kind == "numpy":
+        return cum, past, table
+    xp = adopted.xp
+    flat = xp.concatenate([cum, past, table.ravel()]).get()
+    n_cum, n_past = cum.shape[0], past.shape[0]
+    return (flat[:n_cum], flat[n_cum:n_cum + n_past],
+            flat[n_cum + n_past:].reshape(table.shape))

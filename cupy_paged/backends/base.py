@@ -1,0 +1,60 @@
+"""What a backend is: a declared envelope (capabilities as data) and a launch function.
+
+A backend that cannot run a call says why in sentences; ``choose_backend`` collects them.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """The envelope a backend supports, as data.
+
+    array_kinds: "numpy" and/or "cupy". dtype_min_sm: dtype -> lowest SM (e.g. 80 for bf16;
+    0 on the host). max_head_size: largest H (H % 8 == 0 is checked for every call).
+    unavailable: a sentence when the backend is not built into this version, else "".
+    """
+
+    array_kinds: frozenset
+    dtype_min_sm: dict = field(default_factory=dict)
+    max_head_size: int = 1 << 30
+    min_block_size: int = 1
+    unavailable: str = ""
+
+    def reasons(self, problem, kind, sm):
+        """Sentences saying why this backend cannot run ``problem`` (empty: it can).
+
+        kind: "numpy" or "cupy"; sm: the GPU's compute capability as an int (75, 90), or
+        None on the host.
+        """
+        if kind not in self.array_kinds:
+            where = "GPU (CuPy) arrays" if "cupy" in self.array_kinds else "NumPy arrays"
+            return [f"runs on {where}, got {kind} arrays"]
+        if self.unavailable:
+            return [self.unavailable]
+        out = []
+        need = self.dtype_min_sm.get(problem.dtype)
+        if need is None:
+            out.append(f"{problem.dtype} is not supported (supported: "
+                       f"{', '.join(self.dtype_min_sm)})")
+        elif sm is not None and sm < need:
+            out.append(f"{problem.dtype} needs sm{need}, this GPU is sm{sm}")
+        if problem.head_size > self.max_head_size:
+            out.append(f"head_size {problem.head_size} > {self.max_head_size}")
+        if problem.block_size < self.min_block_size:
+            out.append(f"block_size {problem.block_size} < {self.min_block_size}")
+        return out
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A named backend: its capabilities and ``run(problem, arrays) -> output array``.
+
+    arrays: the call's ``AdoptedArrays``; run writes the caches in place and returns the
+    (T, N*H) output (into ``arrays.arrays["out"]`` when given).
+    """
+
+    name: str
+    capabilities: Capabilities
+    run: object

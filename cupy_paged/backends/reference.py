@@ -1,0 +1,46 @@
+"""The NumPy reference as a backend: NumPy input directly, CuPy input through host copies.
+
+On CuPy input it synchronises and copies every array to the host and the caches back: it is
+the oracle GPU tests compare against, never a fast path, and "auto" never picks it for GPU
+arrays.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..reference import paged_attention_reference
+from .base import Backend, Capabilities
+
+
+def _run(problem, adopted):
+    a = adopted.arrays
+    host = {name: (None if x is None else _to_host(x)) for name, x in a.items()}
+    compute = np.float64 if problem.dtype == "float64" else np.float32
+    result = paged_attention_reference(
+        host["query"], host["key"], host["value"], host["key_cache"], host["value_cache"],
+        host["cumulative_sequence_length"], host["past_seqlens"], host["block_table"],
+        host["cos_cache"], host["sin_cache"],
+        num_heads=problem.num_heads, kv_num_heads=problem.kv_num_heads, scale=problem.scale,
+        softcap=problem.softcap, local_window_size=problem.window,
+        do_rotary=problem.do_rotary, rotary_interleaved=problem.rotary_interleaved,
+        compute_dtype=compute)
+    if adopted.kind == "cupy":
+        a["key_cache"].set(host["key_cache"])
+        a["value_cache"].set(host["value_cache"])
+    out = a.get("out")
+    if out is None:
+        return adopted.xp.asarray(result)
+    out[...] = adopted.xp.asarray(result)
+    return out
+
+
+def _to_host(x):
+    return x if isinstance(x, np.ndarray) else x.get()
+
+
+BACKEND = Backend(
+    name="reference",
+    capabilities=Capabilities(
+        array_kinds=frozenset({"numpy", "cupy"}),
+        dtype_min_sm={"float16": 0, "bfloat16": 0, "float32": 0, "float64": 0}),
+    run=_run)

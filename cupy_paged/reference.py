@@ -1,0 +1,150 @@
+"""NumPy reference of ``paged_attention``: the oracle every GPU backend is tested against.
+
+Readable first: one function per step of ``shared/spec/semantics.md`` (unpack, rotary, cache
+write, attention), vectorised per sequence, float32 or float64 arithmetic. It assumes its input
+was already validated (``cupy_paged.paged_attention`` does that) and never imports CuPy.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+__all__ = ["paged_attention_reference", "token_positions", "apply_rotary"]
+
+# Query rows attended at once; bounds the (N, rows, kv_len) score array of long prefills.
+_QUERY_CHUNK = 256
+
+
+def paged_attention_reference(
+    query, key, value, key_cache, value_cache,
+    cumulative_sequence_length, past_seqlens, block_table,
+    cos_cache=None, sin_cache=None, *,
+    num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
+    do_rotary=False, rotary_interleaved=False, compute_dtype=np.float32,
+):
+    """Paged attention on NumPy arrays, following ``shared/spec/semantics.md``.
+
+    query: (T, N*H), or packed (T, (N+2*Nkv)*H) with key = value = None.
+    key, value: (T, Nkv*H). key_cache, value_cache: (num_blocks, block_size, Nkv, H), written
+    in place with the new (rotated) keys and values, cast to the cache dtype.
+    cumulative_sequence_length: int (B+1,); past_seqlens: int (B,); block_table: int (B, max_blocks).
+    cos_cache, sin_cache: (max_pos, R/2). compute_dtype: float32 or float64 arithmetic.
+    Returns (T, N*H) in query's dtype. Input must already be valid (no checks here).
+    """
+    cd = np.dtype(compute_dtype)
+    num_tokens = query.shape[0]
+    head_size = key_cache.shape[3]
+    block_size = key_cache.shape[1]
+    cum = np.asarray(cumulative_sequence_length, dtype=np.int64)
+    past = np.asarray(past_seqlens, dtype=np.int64)
+    table = np.asarray(block_table, dtype=np.int64)
+
+    q, k, v = _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd)
+    seq_of_token, pos = token_positions(cum, past)
+    if do_rotary:
+        cos = np.asarray(cos_cache).astype(cd)[pos]
+        sin = np.asarray(sin_cache).astype(cd)[pos]
+        q = apply_rotary(q, cos, sin, rotary_interleaved)
+        k = apply_rotary(k, cos, sin, rotary_interleaved)
+    _write_cache(key_cache, value_cache, k, v, table[seq_of_token, pos // block_size],
+                 pos % block_size)
+
+    out = np.zeros((num_tokens, num_heads, head_size), dtype=cd)
+    softmax_scale = scale if scale > 0 else 1.0 / math.sqrt(head_size)
+    for b in range(len(past)):
+        start, stop = int(cum[b]), int(cum[b + 1])
+        if stop == start:
+            continue
+        keys, values, mapped = _gather_sequence(key_cache, value_cache, table[b],
+                                                int(past[b]) + stop - start, cd)
+        for lo in range(start, stop, _QUERY_CHUNK):
+            hi = min(lo + _QUERY_CHUNK, stop)
+            out[lo:hi] = _attend(q[lo:hi], keys, values, mapped, pos[lo:hi], softmax_scale,
+                                 softcap, local_window_size, num_heads // kv_num_heads)
+    return out.reshape(num_tokens, num_heads * head_size).astype(query.dtype)
+
+
+def token_positions(cum, past):
+    """(seq_of_token, position) for each of the T new tokens, both int64 (T,).
+
+    Token t = cum[b] + j of sequence b sits at absolute position past[b] + j.
+    """
+    q_lens = np.diff(cum)
+    seq_of_token = np.repeat(np.arange(len(q_lens)), q_lens)
+    offset_in_seq = np.arange(int(cum[-1])) - cum[:-1][seq_of_token]
+    return seq_of_token, past[seq_of_token] + offset_in_seq
+
+
+def apply_rotary(x, cos, sin, interleaved):
+    """Rotate the first R channels of x (T, heads, H) by per-token cos/sin (T, R/2).
+
+    Non-interleaved (GPT-NeoX) pairs channel i with i + R/2; interleaved (GPT-J) pairs 2i with
+    2i + 1. Channels >= R pass through unchanged. Returns a new array.
+    """
+    half = cos.shape[1]
+    c, s = cos[:, None, :], sin[:, None, :]
+    y = x.copy()
+    if interleaved:
+        even, odd = x[..., 0:2 * half:2], x[..., 1:2 * half:2]
+        y[..., 0:2 * half:2] = even * c - odd * s
+        y[..., 1:2 * half:2] = odd * c + even * s
+    else:
+        lo, hi = x[..., :half], x[..., half:2 * half]
+        y[..., :half] = lo * c - hi * s
+        y[..., half:2 * half] = hi * c + lo * s
+    return y
+
+
+def _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd):
+    """Q (T, N, H) and K, V (T, Nkv, H) in the compute dtype, unpacking a packed query."""
+    num_tokens = query.shape[0]
+    x = np.asarray(query).astype(cd).reshape(num_tokens, query.shape[1] // head_size, head_size)
+    if key is None:
+        q = x[:, :num_heads]
+        k = x[:, num_heads:num_heads + kv_num_heads]
+        v = x[:, num_heads + kv_num_heads:]
+    else:
+        q = x
+        k = np.asarray(key).astype(cd).reshape(num_tokens, kv_num_heads, head_size)
+        v = np.asarray(value).astype(cd).reshape(num_tokens, kv_num_heads, head_size)
+    return q, k, v
+
+
+def _write_cache(key_cache, value_cache, k, v, blocks, offsets):
+    """Store token t's K/V at (blocks[t], offsets[t]); tokens whose block is -1 are skipped."""
+    mapped = blocks >= 0
+    key_cache[blocks[mapped], offsets[mapped]] = k[mapped].astype(key_cache.dtype)
+    value_cache[blocks[mapped], offsets[mapped]] = v[mapped].astype(value_cache.dtype)
+
+
+def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd):
+    """Logical K, V (kv_len, Nkv, H) of one sequence and a (kv_len,) mask of mapped positions."""
+    block_size = key_cache.shape[1]
+    kpos = np.arange(kv_len)
+    blocks = table_row[kpos // block_size]
+    mapped = blocks >= 0
+    safe = np.where(mapped, blocks, 0)
+    keys = key_cache[safe, kpos % block_size].astype(cd)
+    values = value_cache[safe, kpos % block_size].astype(cd)
+    return keys, values, mapped
+
+
+def _attend(q, keys, values, mapped, qpos, scale, softcap, window, group):
+    """Softmax attention of q (rows, N, H) over one sequence's keys; returns (rows, N, H)."""
+    kpos = np.arange(len(keys))
+    visible = mapped[None, :] & (kpos[None, :] <= qpos[:, None])
+    if window > 0:
+        visible &= kpos[None, :] >= qpos[:, None] - window + 1
+    k = np.repeat(keys, group, axis=1)        # (kv_len, N, H): query head n uses kv head n // G
+    v = np.repeat(values, group, axis=1)
+    s = np.einsum("qnh,knh->nqk", q, k) * scale
+    if softcap > 0:
+        s = softcap * np.tanh(s / softcap)
+    s = np.where(visible[None], s, -np.inf)
+    row_max = s.max(axis=-1, keepdims=True)
+    seen = np.isfinite(row_max)
+    p = np.exp(s - np.where(seen, row_max, 0.0))
+    denom = p.sum(axis=-1, keepdims=True)
+    p = p / np.where(seen, denom, 1.0)
+    return np.einsum("nqk,knh->qnh", p, v)

@@ -1,0 +1,127 @@
+"""A deliberately naive PagedAttention, written line by line from the contract
+(spec/semantics.md, "What happens, in order").
+
+It is the second opinion the NumPy reference is tested against, so it shares nothing with it:
+Python loops over sequences, tokens, heads and keys, float64 scalars, the block table walked
+key by key. It is slow on purpose; keep the test shapes small.
+"""
+import math
+
+import numpy
+
+
+def visible_positions(block_table_row, block_size, p, window):
+    """Positions k of one sequence that the token at absolute position p sees (spec step 4)."""
+    seen = []
+    for k in range(p + 1):                          # bottom-right causal: k <= p
+        if window > 0 and k < p - window + 1:       # exactly W keys counting itself
+            continue
+        if int(block_table_row[k // block_size]) == -1:   # unmapped block: masked
+            continue
+        seen.append(k)
+    return seen
+
+
+def _rotate(x, cos_row, sin_row, interleaved):
+    """Rotate one head vector x (float64, length H) with one cos/sin row (length R/2)."""
+    y = [float(v) for v in x]                        # channels >= R pass through
+    half = len(cos_row)
+    for i in range(half):
+        c = float(cos_row[i])
+        s = float(sin_row[i])
+        if interleaved:                              # GPT-J: pairs (2i, 2i+1)
+            a, b = float(x[2 * i]), float(x[2 * i + 1])
+            y[2 * i] = a * c - b * s
+            y[2 * i + 1] = b * c + a * s
+        else:                                        # GPT-NeoX: pairs (i, i + R/2)
+            a, b = float(x[i]), float(x[i + half])
+            y[i] = a * c - b * s
+            y[i + half] = b * c + a * s
+    return numpy.array(y, dtype=numpy.float64)
+
+
+def naive_paged_attention(query, key, value, key_cache, value_cache,
+                          cumulative_sequence_length, past_seqlens, block_table,
+                          cos_cache=None, sin_cache=None, *,
+                          num_heads, kv_num_heads, scale=0.0, softcap=0.0,
+                          local_window_size=-1, do_rotary=False, rotary_interleaved=False):
+    """Return (out, new_key_cache, new_value_cache); the caches given are not modified.
+
+    out is (T, N*H) in query.dtype; the new caches are copies in the caches' dtype.
+    """
+    N, Nkv = int(num_heads), int(kv_num_heads)
+    G = N // Nkv
+    num_blocks, bs, _, H = key_cache.shape
+    T = query.shape[0]
+    B = len(past_seqlens)
+    cum = [int(c) for c in cumulative_sequence_length]
+    past = [int(p) for p in past_seqlens]
+    kc = key_cache.copy()
+    vc = value_cache.copy()
+    if scale == 0.0:
+        scale = 1.0 / math.sqrt(H)
+
+    # 1. split packed QKV: a row is [Q heads | K heads | V heads]
+    q_all = numpy.asarray(query, dtype=numpy.float64)
+    if key is None:
+        k_all = q_all[:, N * H:(N + Nkv) * H]
+        v_all = q_all[:, (N + Nkv) * H:(N + 2 * Nkv) * H]
+        q_all = q_all[:, :N * H]
+    else:
+        k_all = numpy.asarray(key, dtype=numpy.float64)
+        v_all = numpy.asarray(value, dtype=numpy.float64)
+
+    # per token t: lists of head vectors (float64), rotated if asked
+    q_heads = [[q_all[t, n * H:(n + 1) * H].copy() for n in range(N)] for t in range(T)]
+    k_heads = [[k_all[t, h * H:(h + 1) * H].copy() for h in range(Nkv)] for t in range(T)]
+    v_heads = [[v_all[t, h * H:(h + 1) * H].copy() for h in range(Nkv)] for t in range(T)]
+
+    for b in range(B):
+        for j in range(cum[b + 1] - cum[b]):
+            t = cum[b] + j
+            p = past[b] + j
+            # 2. rotary at absolute position p
+            if do_rotary:
+                cos_row = numpy.asarray(cos_cache[p], dtype=numpy.float64)
+                sin_row = numpy.asarray(sin_cache[p], dtype=numpy.float64)
+                for n in range(N):
+                    q_heads[t][n] = _rotate(q_heads[t][n], cos_row, sin_row, rotary_interleaved)
+                for h in range(Nkv):
+                    k_heads[t][h] = _rotate(k_heads[t][h], cos_row, sin_row, rotary_interleaved)
+            # 3. cache write, token by token; an unmapped block is skipped
+            blk = int(block_table[b][p // bs])
+            if blk == -1:
+                continue
+            for h in range(Nkv):
+                kc[blk, p % bs, h, :] = k_heads[t][h]
+                vc[blk, p % bs, h, :] = v_heads[t][h]
+
+    # 4. attention, reading every key (old and new) from the written caches
+    out = numpy.zeros((T, N * H), dtype=numpy.float64)
+    for b in range(B):
+        for j in range(cum[b + 1] - cum[b]):
+            t = cum[b] + j
+            p = past[b] + j
+            keys = visible_positions(block_table[b], bs, p, local_window_size)
+            for n in range(N):
+                h = n // G
+                q = q_heads[t][n]
+                scores = []
+                for k in keys:
+                    blk = int(block_table[b][k // bs])
+                    kv = numpy.asarray(kc[blk, k % bs, h, :], dtype=numpy.float64)
+                    s = scale * float(numpy.dot(q, kv))
+                    if softcap > 0:
+                        s = softcap * math.tanh(s / softcap)
+                    scores.append(s)
+                if not scores:
+                    continue                          # a row that sees no key is 0
+                m = max(scores)
+                weights = [math.exp(s - m) for s in scores]
+                total = sum(weights)
+                acc = numpy.zeros(H, dtype=numpy.float64)
+                for w, k in zip(weights, keys):
+                    blk = int(block_table[b][k // bs])
+                    acc += (w / total) * numpy.asarray(vc[blk, k % bs, h, :], dtype=numpy.float64)
+                out[t, n * H:(n + 1) * H] = acc
+    return out.astype(query.dtype), kc, vc
