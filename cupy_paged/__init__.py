@@ -5,14 +5,20 @@
                               num_heads=32, kv_num_heads=8)
 """
 from .api import paged_attention
+from .cache import CacheFullError, PagedKVCache, StepMetadata
 from .errors import CompileError, ToolchainError, UnsupportedError
 from .reference import paged_attention_reference
+from .rotary import rotary_cache
 
 __version__ = "0.1.0"
 
 __all__ = [
     "paged_attention",
     "paged_attention_reference",
+    "rotary_cache",
+    "PagedKVCache",
+    "StepMetadata",
+    "CacheFullError",
     "UnsupportedError",
     "ToolchainError",
     "CompileError",

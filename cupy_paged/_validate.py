@@ -69,8 +69,9 @@ def check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window_
                              f"shape {array.shape}; pass xp.ascontiguousarray({name})")
 
     key_cache, value_cache = a["key_cache"], a["value_cache"]
+    dtype = _float_dtype("query", a["query"])
     _rank("key_cache", key_cache, 4, "(num_blocks, block_size, kv_num_heads, head_size)")
-    dtype = _float_dtype("key_cache", key_cache)
+    _dtype_is("key_cache", key_cache, dtype)
     num_blocks, block_size, cache_heads, head_size = (int(d) for d in key_cache.shape)
     _same("value_cache", value_cache, key_cache, "key_cache")
     if cache_heads != kv_num_heads:
@@ -150,7 +151,6 @@ def _check_qkv(a, dtype, num_heads, kv_num_heads, head_size):
     """Returns (T, packed) after checking query, key and value against the cache."""
     query, key, value = a["query"], a["key"], a["value"]
     _rank("query", query, 2, "(T, num_heads * head_size)")
-    _dtype_is("query", query, dtype, "key_cache")
     num_tokens, width = (int(d) for d in query.shape)
     if (key is None) != (value is None):
         given, missing = ("key", "value") if value is None else ("value", "key")
@@ -171,7 +171,7 @@ def _check_qkv(a, dtype, num_heads, kv_num_heads, head_size):
                          f"(T, num_heads * head_size), got {tuple(query.shape)}")
     for name, array in (("key", key), ("value", value)):
         _rank(name, array, 2, "(T, kv_num_heads * head_size)")
-        _dtype_is(name, array, dtype, "key_cache")
+        _dtype_is(name, array, dtype)
         if tuple(array.shape) != (num_tokens, kv_num_heads * head_size):
             raise ValueError(f"{name}: expected shape {(num_tokens, kv_num_heads * head_size)} "
                              f"= (T, kv_num_heads * head_size), got {tuple(array.shape)}")
@@ -216,8 +216,8 @@ def _check_rotary(a, dtype, head_size, do_rotary):
                              "(see cupy_paged.rotary_cache), got None")
         return 0, 0
     _rank("cos_cache", cos, 2, "(max_pos, rotary_dim / 2)")
+    _dtype_is("cos_cache", cos, dtype)
     _same("sin_cache", sin, cos, "cos_cache")
-    _dtype_is("cos_cache", cos, dtype, "query")
     rows, half = (int(d) for d in cos.shape)
     if half < 1 or 2 * half > head_size:
         raise ValueError(f"cos_cache: rotary_dim = 2 * shape[1] must lie in [2, head_size = "
@@ -239,7 +239,7 @@ def _float_dtype(name, array):
     return dtype
 
 
-def _dtype_is(name, array, dtype, like="key_cache"):
+def _dtype_is(name, array, dtype, like="query"):
     if str(array.dtype) != dtype:
         raise TypeError(f"{name}: expected dtype {dtype} (the dtype of {like}), "
                         f"got {array.dtype}")
