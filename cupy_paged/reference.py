@@ -124,6 +124,9 @@ def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd):
     kpos = np.arange(kv_len)
     blocks = table_row[kpos // block_size]
     mapped = blocks >= 0
+    if not mapped.any():                      # also covers a cache with no blocks at all
+        empty = np.zeros((kv_len,) + key_cache.shape[2:], dtype=cd)
+        return empty, empty, mapped
     safe = np.where(mapped, blocks, 0)
     keys = key_cache[safe, kpos % block_size].astype(cd)
     values = value_cache[safe, kpos % block_size].astype(cd)
