@@ -14,13 +14,14 @@ from hypothesis import given, settings, strategies as st
 from cupy_paged.reference import paged_attention_reference
 
 try:
-    from .naive_paged_attention import naive_paged_attention, visible_positions
+    from .naive_paged_attention import naive_paged_attention
     from .paged_cases import (Case, bits, build_cases, check_against_naive, empty_rows,
                               make_inputs, rel_err, seed_of)
 except ImportError:
     from naive_paged_attention import naive_paged_attention
     from paged_cases import (Case, bits, build_cases, check_against_naive, empty_rows,
                              make_inputs, rel_err, seed_of)
+
 
 def run_impl(inp, api, dtype):
     args = list(inp.args)
