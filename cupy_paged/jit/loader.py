@@ -1,0 +1,33 @@
+"""Load compiled variants as CuPy kernels, one module per (device, variant, arch). GPU only."""
+
+from __future__ import annotations
+
+import threading
+
+from cupy_paged.jit.compiler import compile_variant
+
+_modules: dict = {}  # (device id, name, arch) -> cupy.RawModule
+_lock = threading.Lock()
+
+
+def get_function(name: str, entry: str | None = None, device: int | None = None):
+    """The ``cupy.RawKernel`` ``entry`` (default: ``name``) of variant ``name`` on ``device``.
+
+    Compiles (or reuses the cached cubin) for the device's own arch. The cubin is loaded with
+    ``cupy.RawModule(path=...)``, never ``code=``: CuPy would put its bundled CCCL on the include
+    path, which clashes with the CUDA/CUTLASS headers our toolchain compiles against.
+    """
+    import cupy
+
+    dev = cupy.cuda.Device(device)
+    arch = f"sm_{dev.compute_capability}"
+    key = (dev.id, name, arch)
+    with _lock:
+        module = _modules.get(key)
+        if module is None:
+            path = compile_variant(name, arch).path
+            with dev:
+                module = cupy.RawModule(path=str(path))
+            _modules[key] = module
+    with dev:
+        return module.get_function(entry or name)
