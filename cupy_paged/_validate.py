@@ -37,6 +37,10 @@ class Problem:
     rotary_interleaved: bool
     rotary_dim: int           # R (0 without cos/sin)
     cos_rows: int             # max_pos (0 without cos/sin)
+    # Caller's host-side bounds (None: unknown); they size grids and scratch without a sync.
+    max_seqlen_q: int | None = None     # >= every q_len
+    max_seqlen_k: int | None = None     # >= every past + q_len
+    total_kv_tokens: int | None = None  # >= sum of past + q_len
 
     @property
     def group(self):
@@ -45,7 +49,8 @@ class Problem:
 
 
 def check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window_size,
-                    do_rotary, rotary_interleaved):
+                    do_rotary, rotary_interleaved, max_seqlen_q=None, max_seqlen_k=None,
+                    total_kv_tokens=None):
     """Static checks of every argument; returns the call's ``Problem``.
 
     a: mapping of argument name -> NumPy/CuPy array or None (query, key, value, key_cache,
@@ -99,7 +104,10 @@ def check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window_
         max_blocks=int(a["block_table"].shape[1]), packed=packed, dtype=dtype,
         scale=scale if scale > 0 else 1.0 / math.sqrt(head_size), softcap=softcap,
         window=window, do_rotary=bool(do_rotary), rotary_interleaved=bool(rotary_interleaved),
-        rotary_dim=rotary_dim, cos_rows=cos_rows)
+        rotary_dim=rotary_dim, cos_rows=cos_rows,
+        max_seqlen_q=_optional_bound("max_seqlen_q", max_seqlen_q),
+        max_seqlen_k=_optional_bound("max_seqlen_k", max_seqlen_k),
+        total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens))
 
 
 def check_metadata(problem, cum, past, block_table):
@@ -138,6 +146,7 @@ def check_metadata(problem, cum, past, block_table):
             f"block_table: sequence {b} needs positions up to past_seqlens[{b}] + q_len = "
             f"{past[b]} + {q_lens[b]} = {ends[b]}, more than the table's capacity "
             f"max_blocks * block_size = {problem.max_blocks} * {problem.block_size} = {capacity}")
+    _check_hints(problem, q_lens, ends)
     if problem.do_rotary:
         beyond = np.flatnonzero((q_lens > 0) & (ends > problem.cos_rows))
         if beyond.size:
@@ -145,6 +154,17 @@ def check_metadata(problem, cum, past, block_table):
             raise ValueError(
                 f"cos_cache: sequence {b} reaches position {ends[b] - 1} (past_seqlens[{b}] = "
                 f"{past[b]}, q_len {q_lens[b]}) but cos_cache has only {problem.cos_rows} rows")
+
+
+def _check_hints(problem, q_lens, kv_lens):
+    """The caller's bounds must hold: kernels size grids and scratch from them."""
+    for name, hint, actual in (
+            ("max_seqlen_q", problem.max_seqlen_q, int(q_lens.max(initial=0))),
+            ("max_seqlen_k", problem.max_seqlen_k, int(kv_lens.max(initial=0))),
+            ("total_kv_tokens", problem.total_kv_tokens, int(kv_lens.sum()))):
+        if hint is not None and actual > hint:
+            raise ValueError(f"{name}: the metadata needs {actual}, more than the bound "
+                             f"{hint} given")
 
 
 def _check_qkv(a, dtype, num_heads, kv_num_heads, head_size):
@@ -253,6 +273,15 @@ def _same(name, array, like, like_name):
     if array.dtype != like.dtype:
         raise TypeError(f"{name}: expected the dtype of {like_name} ({like.dtype}), "
                         f"got {array.dtype}")
+
+
+def _optional_bound(name, value):
+    if value is None:
+        return None
+    value = _integer(name, value)
+    if value < 0:
+        raise ValueError(f"{name}: expected None or an integer >= 0, got {value}")
+    return value
 
 
 def _positive_int(name, value):

@@ -14,6 +14,7 @@ def paged_attention(
     num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
     do_rotary=False, rotary_interleaved=False,
     backend="auto", validate=False, out=None,
+    max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None,
 ):
     """Attention of new tokens over a paged KV cache (ONNX Runtime ``PagedAttention`` semantics).
 
@@ -29,6 +30,10 @@ def paged_attention(
     backend: "auto" | "flash" | "mea" | "reference". validate: also run the data-dependent
     checks on GPU input (one device->host sync); NumPy input is always checked.
     out: optional preallocated (T, N*H) output.
+    max_seqlen_q, max_seqlen_k, total_kv_tokens: optional host-side upper bounds on the largest
+    q_len, the largest past + q_len and the sum of past + q_len. GPU backends size their grids
+    and scratch from them without a device->host sync; without them a backend that needs
+    such a size syncs once (the flash backend never needs to). Checked when validating.
     Returns (T, N*H) in query's dtype, as the same kind of array as the input.
     See ``shared/spec/semantics.md`` for the exact contract.
     """
@@ -42,7 +47,8 @@ def paged_attention(
     problem = _validate.check_arguments(
         adopted.arrays, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
         softcap=softcap, local_window_size=local_window_size, do_rotary=do_rotary,
-        rotary_interleaved=rotary_interleaved)
+        rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
+        max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens)
 
     sm = _device_sm(adopted) if adopted.kind == "cupy" else None
     chosen = backends.choose_backend(requested, problem, adopted.kind, sm)

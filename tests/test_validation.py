@@ -445,3 +445,24 @@ def test_scale_zero_means_inverse_sqrt_head_size():
     kw = make_case()
     kw["scale"] = 1.0 / math.sqrt(H)
     np.testing.assert_allclose(call(kw), a, rtol=1e-6, atol=1e-6)
+
+
+# Host-side bounds (q_lens 3, 0, 5; past 2, 7, 0: max q_len 5, max past+q_len 7, total 17).
+@pytest.mark.parametrize("name, value, match", [
+    ("max_seqlen_q", 4, r"max_seqlen_q: the metadata needs 5, more than the bound 4"),
+    ("max_seqlen_k", 6, r"max_seqlen_k: the metadata needs 7, more than the bound 6"),
+    ("total_kv_tokens", 16, r"total_kv_tokens: the metadata needs 17, more than the bound 16"),
+    ("max_seqlen_q", -1, r"max_seqlen_q: expected None or an integer >= 0, got -1"),
+    ("total_kv_tokens", 2.5, r"total_kv_tokens: expected an integer, got 2.5"),
+])
+def test_rejected_bound_hints(name, value, match):
+    kw = make_case()
+    kw[name] = value
+    with pytest.raises(ValueError, match=match):
+        call(kw)
+
+
+def test_exact_bound_hints_accepted():
+    kw = make_case()
+    kw.update(max_seqlen_q=5, max_seqlen_k=7, total_kv_tokens=17)
+    _runs(kw)
