@@ -1,0 +1,45 @@
+// Which sequence a packed row belongs to: binary search of a (B+1,) int32 prefix array
+// (cumulative_sequence_length for query rows, seqstart_k for gathered key rows). Empty sequences
+// (equal neighbours) are never returned; there is no batch-size limit.
+#pragma once
+
+namespace cupy_paged {
+
+// The b in [0, batch) with starts[b] <= row < starts[b+1]; starts is non-decreasing with
+// starts[0] <= row < starts[batch]. Invariant: starts[lo] <= row < starts[hi]; when hi = lo + 1
+// the sequence lo holds row, so it is not empty. ceil(log2(B)) loads, all cached after the first
+// warp. On an unvalidated array it still returns some b in [0, batch): never an index outside it.
+__device__ __forceinline__ int sequence_of_row(const int* starts, int batch, long long row) {
+  int lo = 0, hi = batch;
+  while (hi - lo > 1) {
+    const int mid = lo + (hi - lo) / 2;
+    if (starts[mid] <= row) {
+      lo = mid;
+    } else {
+      hi = mid;
+    }
+  }
+  return lo;
+}
+
+// A grid-stride loop visits rows in increasing order, many in a row from one sequence: remember
+// the last sequence's range [begin, end) and search again only when a row leaves it.
+struct SequenceCursor {
+  const int* starts;  // (B+1,)
+  int batch;
+  int b = 0;
+  long long begin = 0, end = 0;  // rows of sequence b; empty until the first seek
+
+  __device__ SequenceCursor(const int* starts_, int batch_) : starts(starts_), batch(batch_) {}
+
+  __device__ __forceinline__ int seek(long long row) {
+    if (row < begin || row >= end) {
+      b = sequence_of_row(starts, batch, row);
+      begin = starts[b];
+      end = starts[b + 1];
+    }
+    return b;
+  }
+};
+
+}  // namespace cupy_paged

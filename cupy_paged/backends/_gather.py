@@ -1,0 +1,80 @@
+"""Paged -> packed varlen K/V for kernels that take contiguous keys (the CUTLASS memory-efficient
+path): ``kv_seqstarts`` builds the per-sequence row starts, ``gather_kv`` copies the rows through
+the block table (``cuda_src/mea/gather.cu``), zeros where a block is unmapped.
+
+Variants: ``gather_kv_f16`` (sm50+) and ``gather_kv_bf16`` (sm80+). CuPy is imported on first use.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..jit import KernelSpec, get_function, register
+from ._prologue import DTYPES, THREADS, check_aligned, entry_point, grid_size
+
+_GATHER_ARGS = (
+    "const {T}* key_cache, const {T}* value_cache, const int* block_table, "
+    "const int* seqstart_k, {T}* k_packed, {T}* v_packed, int batch, int kv_num_heads, "
+    "int head_size, int block_size, int num_blocks, int max_blocks, int rows_bound")
+_GATHER_CALL = ("key_cache, value_cache, block_table, seqstart_k, k_packed, v_packed, batch, "
+                "kv_num_heads, head_size, block_size, num_blocks, max_blocks, rows_bound")
+_INT32_MAX = 2**31 - 1
+
+
+def gather_name(dtype):
+    """The variant for ``dtype`` ("float16" or "bfloat16"): gather_kv_f16 / gather_kv_bf16."""
+    return f"gather_kv_{DTYPES[dtype][0]}"
+
+
+SPECS = tuple(
+    register(KernelSpec(
+        f"gather_kv_{suffix}", "mea/gather.cu",
+        entry_point(f"gather_kv_{suffix}", ctype, _GATHER_ARGS,
+                    f"cupy_paged::mea::gather_kv<{ctype}>({_GATHER_CALL});"),
+        min_arch=min_sm))
+    for suffix, ctype, min_sm in DTYPES.values())
+
+
+def kv_seqstarts(problem, cum, past):
+    """seqstart_k, int32 (B+1,): 0, then the running sum of past[b] + q_len[b].
+
+    cum: cumulative_sequence_length (B+1,) int32; past: past_seqlens (B,) int32, on the GPU.
+    Row seqstart_k[b] + k of the gathered K/V is position k of sequence b. Device-side cumsum
+    (CuPy's own scan), no synchronisation; the total must stay below 2^31 rows.
+    """
+    import cupy
+
+    seqstart_k = cupy.zeros(problem.batch + 1, dtype=cupy.int32)
+    if problem.batch:
+        seqlens = past + (cum[1:] - cum[:-1])
+        seqstart_k[1:] = cupy.cumsum(seqlens, dtype=cupy.int32)
+    return seqstart_k
+
+
+def gather_kv(problem, a, seqstart_k, rows_bound):
+    """(k_packed, v_packed), each (rows_bound, Nkv, H) in the cache dtype.
+
+    a: the CuPy arrays by argument name (key_cache, value_cache, block_table are read);
+    seqstart_k: ``kv_seqstarts``' (B+1,) int32; rows_bound: a host-known bound on
+    seqstart_k[B] (the grid is sized from it). Rows below min(seqstart_k[B], rows_bound) hold
+    the cache rows through the block table, zeros where the block is -1; rows past the real
+    total are left uninitialised. Launches on the current stream; never synchronises.
+    """
+    import cupy
+
+    key_cache, value_cache = a["key_cache"], a["value_cache"]
+    Nkv, H = problem.kv_num_heads, problem.head_size
+    rows_bound = int(rows_bound)
+    if rows_bound < 0:
+        raise ValueError(f"rows_bound: expected >= 0, got {rows_bound}")
+    k_packed = cupy.empty((rows_bound, Nkv, H), dtype=key_cache.dtype)
+    v_packed = cupy.empty((rows_bound, Nkv, H), dtype=value_cache.dtype)
+    if rows_bound == 0 or problem.batch == 0:
+        return k_packed, v_packed
+    check_aligned(key_cache=key_cache, value_cache=value_cache)
+    kernel = get_function(gather_name(problem.dtype))
+    kernel((grid_size(rows_bound * Nkv * (H // 8)),), (THREADS,), (
+        key_cache, value_cache, a["block_table"], seqstart_k, k_packed, v_packed,
+        np.int32(problem.batch), np.int32(Nkv), np.int32(H), np.int32(problem.block_size),
+        np.int32(problem.num_blocks), np.int32(problem.max_blocks),
+        np.int32(min(rows_bound, _INT32_MAX))))
+    return k_packed, v_packed
