@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 
 from ..errors import UnsupportedError
-from . import gpu_pending, reference
+from . import gpu_pending, mea, reference
 
 BACKENDS = {
     "flash": gpu_pending.FLASH,
-    "mea": gpu_pending.MEA,
+    "mea": mea.BACKEND,
     "reference": reference.BACKEND,
 }
 AUTO_ORDER = {"cupy": ("flash", "mea"), "numpy": ("reference",)}

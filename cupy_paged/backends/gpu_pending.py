@@ -1,8 +1,7 @@
-"""The GPU backends' declared envelopes, before their kernels are built into this version.
+"""The flash backend's declared envelope, before its kernel is wired into this version.
 
-"flash" (our sm80+ kernel) and "mea" (CUTLASS memory-efficient attention, sm50+) declare what
-they will support; until their launch code lands they refuse every call with a sentence, and
-nothing falls back to them or from them silently.
+"flash" (our sm80+ kernel reading the cache in place) declares what it will support; until its
+launch code lands it refuses every call with a sentence, and nothing falls back silently.
 """
 from __future__ import annotations
 
@@ -19,13 +18,4 @@ FLASH = Backend(
         array_kinds=frozenset({"cupy"}), dtype_min_sm={"float16": 80, "bfloat16": 80},
         max_head_size=256,
         unavailable="not built into this version yet (the sm80+ flash kernel is pending)"),
-    run=_refuse)
-
-MEA = Backend(
-    name="mea",
-    capabilities=Capabilities(
-        array_kinds=frozenset({"cupy"}), dtype_min_sm={"float16": 50, "bfloat16": 80},
-        max_head_size=256,
-        unavailable="not built into this version yet (the CUTLASS memory-efficient kernel is "
-                    "pending)"),
     run=_refuse)

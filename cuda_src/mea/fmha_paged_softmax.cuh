@@ -1,0 +1,182 @@
+// One key tile of the paged fMHA's online softmax: turn raw q.k dot products into masked log2
+// logits (scale, optional softcap, causal/window/unmapped masks), then fold them into the
+// running (max, sum) rows kept in shared memory, so that a row which saw no key stays at sum 0.
+#pragma once
+#include "mea/fmha_prelude.cuh"
+
+namespace cupy_paged {
+namespace mea {
+
+// Max of a float in shared memory, by integer atomics. Non-negative floats order like signed
+// ints; negative ones order like unsigned ints in reverse. Branching on the sign bit (not on
+// value >= 0) sends -0.0 down the unsigned path, where it correctly beats -inf.
+__device__ __forceinline__ void atomic_max_float(float* addr, float value) {
+  if (__float_as_int(value) >= 0) {
+    atomicMax(reinterpret_cast<int*>(addr), __float_as_int(value));
+  } else {
+    atomicMin(reinterpret_cast<unsigned int*>(addr), __float_as_uint(value));
+  }
+}
+
+// Where the visible keys of a score tile lie, in the tile's own column numbers.
+// Row m (of the query tile) sees columns [m + last_shift - window + 1, m + last_shift] (the
+// lower bound only when window > 0), and only columns whose key_ok flag is set (key inside
+// the sequence and its block mapped).
+struct TileMask {
+  int last_shift;       // kv_len - q_len + query_start - key_tile_start
+  int window;           // W > 0: sliding window of W keys; <= 0: none
+  const bool* key_ok;   // (kKeysPerBlock,) in shared memory
+};
+
+// Score transform, constant over the launch. Logits are kept in base 2 (exp2f is one
+// instruction), so log2(e) is folded into the factors here.
+struct ScoreMap {
+  float qk_factor;      // scale * log2e without softcap; scale / softcap with it
+  float cap_log2;       // softcap * log2e (softcap > 0 only)
+  bool capped;
+
+  __device__ __forceinline__ static ScoreMap make(float scale, float softcap) {
+    constexpr float kLog2e = 1.4426950408889634f;
+    ScoreMap m;
+    m.capped = softcap > 0.f;
+    m.qk_factor = m.capped ? scale / softcap : scale * kLog2e;
+    m.cap_log2 = m.capped ? softcap * kLog2e : 0.f;
+    return m;
+  }
+};
+
+// AK: the upstream AttentionKernel whose MM0/MM1 GEMMs we run; we use its accumulator
+// layout (AccumLambdaIterator) and its ScalingCoefs rows (mi, m_prime, s_prime, out_rescale,
+// addition_storage) but not its iterative_softmax, which yields NaN for fully masked rows.
+//   mi[r]         running max of row r's logits so far (-inf: nothing seen yet)
+//   m_prime[r]    the same, as of the previous tile
+//   s_prime[r]    running sum of exp2(logit - mi[r])
+//   out_rescale[r] factor the previous output accumulators must be multiplied by
+template <typename AK>
+struct OnlineSoftmaxTile {
+  using accum_t = typename AK::accum_t;
+  using Iter = typename AK::MM0::AccumLambdaIterator;
+  using Scores = typename AK::MM0::Mma::FragmentC;
+  using Output = typename AK::MM1::Mma::FragmentC;
+  using TileCoord = typename AK::MM0::Mma::Operator::IteratorC::TensorCoord;
+  using Rows = cutlass::Array<accum_t, AK::kQueriesPerBlock>;
+
+  static constexpr int kRows = AK::kQueriesPerBlock;
+  static constexpr int kWarpsN = AK::MM0::MmaCore::WarpCount::kN;
+  static constexpr int kRowsPerWarp = kRows / AK::kNumWarpsPerBlock;
+  static_assert(kRows % AK::kNumWarpsPerBlock == 0, "each warp owns whole rows of the tile");
+  static_assert(kRows <= AK::kNumThreads, "one thread per row initialises the row state");
+
+  __device__ __forceinline__ static accum_t neg_inf() {
+    return -cutlass::platform::numeric_limits<accum_t>::infinity();
+  }
+
+  // Before the first tile: nothing seen, nothing to rescale.
+  __device__ static void init_rows(typename AK::SharedStorage& s, int thread) {
+    if (thread < kRows) {
+      s.mi[thread] = neg_inf();
+      s.m_prime[thread] = neg_inf();
+      s.s_prime[thread] = accum_t(0);
+      s.out_rescale[thread] = accum_t(1);
+    }
+  }
+
+  // scores (raw q.k) -> masked log2 logits in place; row maxima merged into s.mi.
+  template <bool kCapped>
+  __device__ __forceinline__ static void logits_and_max(
+      Scores& scores, cutlass::MatrixCoord lane_offset, ScoreMap map, TileMask mask,
+      typename AK::SharedStorage& s, int lane) {
+    int last = 0, first = 0;
+    accum_t row_max = neg_inf();
+    Iter::iterateRows(
+        lane_offset,
+        [&](int m) {
+          last = m + mask.last_shift;
+          first = mask.window > 0 ? last - mask.window + 1 : 0;
+          row_max = neg_inf();
+        },
+        [&](int m, int n, int idx) {
+          accum_t x = neg_inf();
+          if (n >= first && n <= last && mask.key_ok[n]) {
+            // scale first, then cap: softcap * tanh(scale * qk / softcap)
+            x = kCapped ? map.cap_log2 * tanhf(scores[idx] * map.qk_factor)
+                        : scores[idx] * map.qk_factor;
+          }
+          scores[idx] = x;
+          row_max = cutlass::fast_max(row_max, x);
+        },
+        [&](int m) {
+          if (Iter::reduceSameRow(lane, row_max, [](accum_t a, accum_t b) {
+                return cutlass::fast_max(a, b);
+              })) {
+            atomic_max_float(&s.mi[m], row_max);
+          }
+        });
+  }
+
+  // After logits_and_max and a __syncthreads: one thread per row computes how much the old
+  // sum and output shrink now that the max grew (exp2(-inf) = 0 covers "nothing seen before").
+  __device__ __forceinline__ static void rescale_factors(typename AK::SharedStorage& s, int lane,
+                                                         int warp) {
+    if (lane < kRowsPerWarp) {
+      int r = warp * kRowsPerWarp + lane;
+      accum_t old_max = s.m_prime[r], new_max = s.mi[r];
+      accum_t factor = old_max < new_max ? exp2f(old_max - new_max) : accum_t(1);
+      s.out_rescale[r] = factor;
+      s.s_prime[r] *= factor;
+    }
+  }
+
+  // After rescale_factors and a __syncthreads: logits -> unnormalised probabilities, partial
+  // row sums to addition_storage; the register-resident output (if any) is rescaled. The
+  // output fragment is walked with MM0's iterator: with one value iteration MM1's tile is
+  // (kQueriesPerBlock, kKeysPerBlock) too, so both fragments share the accumulator layout.
+  template <bool kRescaleOutput>
+  __device__ __forceinline__ static void exponentiate(
+      Scores& scores, Output& out, cutlass::MatrixCoord lane_offset, TileCoord tile,
+      typename AK::SharedStorage& s, int lane) {
+    if (kRescaleOutput) {
+      accum_t factor = 1;
+      Iter::iterateRows(
+          lane_offset, [&](int m) { factor = s.out_rescale[m]; },
+          [&](int m, int n, int idx) { out[idx] *= factor; }, [&](int m) {});
+    }
+    accum_t ref = 0, sum = 0;
+    Iter::iterateRows(
+        lane_offset,
+        [&](int m) {
+          // a row with no visible key so far keeps max -inf; subtract 0 instead so that its
+          // -inf logits give exp2(-inf) = 0, never exp2(-inf - -inf) = NaN
+          ref = s.mi[m] == neg_inf() ? accum_t(0) : s.mi[m];
+          sum = 0;
+        },
+        [&](int m, int n, int idx) {
+          scores[idx] = exp2f(scores[idx] - ref);
+          sum += scores[idx];
+        },
+        [&](int m) {
+          if (Iter::reduceSameRow(lane, sum, [](accum_t a, accum_t b) { return a + b; })) {
+            s.addition_storage[m + kRows * tile.column()] = sum;
+          }
+        });
+  }
+
+  // After exponentiate and a __syncthreads: one thread per row adds the tile's sum. On the
+  // last tile a row that saw no key gets sum 1, so the epilogue's 1/sum writes its 0 output.
+  __device__ __forceinline__ static void fold_sums(typename AK::SharedStorage& s, int lane,
+                                                   int warp, bool last_tile) {
+    if (lane < kRowsPerWarp) {
+      int r = warp * kRowsPerWarp + lane;
+      accum_t total = s.s_prime[r];
+      CUTLASS_PRAGMA_UNROLL
+      for (int i = 0; i < kWarpsN; ++i) {
+        total += s.addition_storage[r + kRows * i];
+      }
+      s.s_prime[r] = (last_tile && total == accum_t(0)) ? accum_t(1) : total;
+      s.m_prime[r] = s.mi[r];
+    }
+  }
+};
+
+}  // namespace mea
+}  // namespace cupy_paged
