@@ -1,0 +1,30 @@
+"""``python -m cupy_paged``: dispatch and the bench command's GPU-free listing."""
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "cupy_paged", *args], cwd=REPO,
+                          capture_output=True, text=True)
+
+
+def test_bench_list_prints_every_case_with_its_two_numbers():
+    done = _run("bench", "--list")
+    assert done.returncode == 0, done.stderr
+    for case in ("prefill_8x2048", "decode_64x4096", "decode_4x32768", "mixed"):
+        assert case in done.stdout
+    assert "FLOPs" in done.stdout and "bytes" in done.stdout
+
+
+def test_unknown_command_prints_usage_and_fails():
+    done = _run("frobnicate")
+    assert done.returncode == 2
+    assert "bench" in done.stderr
+
+
+def test_help_succeeds():
+    done = _run("--help")
+    assert done.returncode == 0 and "bench" in done.stdout
