@@ -175,6 +175,52 @@ def build_ours(backend, case, meta, sets):
     return Impl(f"ours:{backend}", "ours", fn, row, notes)
 
 
+def build_mea_attention_only(case, meta, sets):
+    """The mea backend's attention kernel alone, the counterpart of the SDPA rows whose gather
+    is not timed: the packed K/V gather (and the prologue, already reflected in the caches)
+    run once before timing; only ``launch_fmha`` is timed."""
+    import cupy
+
+    from cupy_paged import _validate
+    from cupy_paged.backends import _gather, _mea_kernels
+
+    N, H = case.num_heads, case.head_size
+    rows = sum(case.kv_lens)
+    sm = int(cupy.cuda.Device().compute_capability)
+    prepared = []
+    for s in sets:
+        a = {"query": cupy.asarray(s.q), "key": cupy.asarray(s.k), "value": cupy.asarray(s.v),
+             "key_cache": cupy.asarray(s.kc), "value_cache": cupy.asarray(s.vc),
+             "cumulative_sequence_length": cupy.asarray(s.cum),
+             "past_seqlens": cupy.asarray(s.past), "block_table": cupy.asarray(s.table),
+             "cos_cache": None, "sin_cache": None, "out": cupy.asarray(s.out)}
+        problem = _validate.check_arguments(
+            a, num_heads=N, kv_num_heads=case.kv_num_heads, scale=0.0, softcap=0.0,
+            local_window_size=-1, do_rotary=False, rotary_interleaved=False,
+            total_kv_tokens=rows)
+        seqstart = _gather.kv_seqstarts(problem, a["cumulative_sequence_length"],
+                                        a["past_seqlens"])
+        k_packed, v_packed = _gather.gather_kv(problem, a, seqstart, rows)
+        n_accum = _mea_kernels.workspace_elements(problem)
+        accum = cupy.empty(n_accum, dtype=cupy.float32) if n_accum else None
+        prepared.append((problem, a, seqstart, k_packed, v_packed, accum))
+
+    def fn(i):
+        problem, a, seqstart, k_packed, v_packed, accum = prepared[i]
+        _mea_kernels.launch_fmha(problem, a["query"], N * H, k_packed, v_packed, a["out"],
+                                 accum, a["cumulative_sequence_length"], seqstart,
+                                 a["block_table"], max(case.q_lens), sm)
+        return a["out"]
+
+    cum = meta.cumulative_sequence_length
+
+    def row(outputs, b, j):
+        return torch.as_tensor(outputs, device="cuda")[int(cum[b]) + j].view(N, H)
+
+    return Impl("ours:mea-attn", "ours", fn, row,
+                ["attention kernel only: gather and prologue done before timing"])
+
+
 # --- dense peers: torch SDPA ---------------------------------------------------------------
 def _mask_kind(g):
     if g.past == 0:

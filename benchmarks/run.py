@@ -161,6 +161,9 @@ def _impl_specs(args, case, meta, sets, peers):
     for b in args.backends:
         specs["ours"].append((f"ours:{b}", "ours",
                               lambda b=b: peers.build_ours(b, case, meta, sets)))
+    if "mea" in args.backends:
+        specs["ours"].append(("ours:mea-attn", "ours",
+                              lambda: peers.build_mea_attention_only(case, meta, sets)))
     if "flex" in args.peers:
         specs["FlexAttention"].append(
             ("flex:paged", "peer", lambda: peers.build_flex(case, meta, sets)))
