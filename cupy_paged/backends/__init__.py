@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 
 from ..errors import UnsupportedError
-from . import gpu_pending, mea, reference
+from . import flash, mea, reference
 
 BACKENDS = {
-    "flash": gpu_pending.FLASH,
+    "flash": flash.BACKEND,
     "mea": mea.BACKEND,
     "reference": reference.BACKEND,
 }

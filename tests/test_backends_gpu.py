@@ -1,4 +1,4 @@
-"""The "mea" backend (forced) against the NumPy reference over the parity matrix of issue 3.
+"""Each GPU backend (forced by name) against the NumPy reference over the parity matrix.
 
 Every factor of the matrix appears with each of its values; the combinations rotate through the
 other factors so that each case differs from its neighbours in several at once.
@@ -61,26 +61,22 @@ EDGE_CASES = [
 ]
 
 
+BACKENDS = ["mea", "flash"]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 @pytest.mark.parametrize("case", _matrix() + EDGE_CASES, ids=lambda c: c.name)
-def test_mea_matches_reference(case, dtype):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backend_matches_reference(backend, case, dtype):
     rng = np.random.default_rng(zlib.crc32(f"{case.name}-{dtype}".encode()))
-    check_backend(case, rng, "mea", dtype)
+    check_backend(case, rng, backend, dtype)
 
 
-@pytest.mark.gpu
-def test_mea_with_host_bounds_is_graph_capturable():
-    """With every bound given the call sizes its scratch on the host: no device->host sync,
-    so the whole call can be captured into a CUDA graph, and the replay matches."""
+def _small_gpu_call(seed):
     import cupy
-    import cupy_paged
 
-    case = Case("hinted", lens=((5, 11), (16, 0), (1, 40)), H=64, bs=16)
-    check_backend(case, np.random.default_rng(7), "mea", "float16",
-                  max_seqlen_q=16, max_seqlen_k=41, total_kv_tokens=16 + 16 + 41)
-
-    rng = np.random.default_rng(8)
+    rng = np.random.default_rng(seed)
     T, N, Nkv, H, bs = 22, 8, 2, 64, 16
     q = cupy.asarray(rng.standard_normal((T, N * H)), dtype=cupy.float16)
     k = cupy.asarray(rng.standard_normal((T, Nkv * H)), dtype=cupy.float16)
@@ -90,15 +86,53 @@ def test_mea_with_host_bounds_is_graph_capturable():
     cum = cupy.asarray([0, 5, 21, 22], dtype=cupy.int32)
     past = cupy.asarray([11, 0, 40], dtype=cupy.int32)
     table = cupy.asarray([[3, -1, -1], [7, 1, -1], [0, 2, 9]], dtype=cupy.int32)
-    kw = dict(num_heads=N, kv_num_heads=Nkv, backend="mea", max_seqlen_q=16,
-              max_seqlen_k=41, total_kv_tokens=73)
-    eager = cupy_paged.paged_attention(q, k, v, kc, vc, cum, past, table, **kw)
+    return (q, k, v, kc, vc, cum, past, table), dict(num_heads=N, kv_num_heads=Nkv)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_call_with_host_bounds_is_graph_capturable(backend):
+    """With every bound given, a call needs no device->host sync: it can be captured into a
+    CUDA graph, and the replay matches the eager result."""
+    import cupy
+    import cupy_paged
+
+    case = Case("hinted", lens=((5, 11), (16, 0), (1, 40)), H=64, bs=16)
+    check_backend(case, np.random.default_rng(7), backend, "float16",
+                  max_seqlen_q=16, max_seqlen_k=41, total_kv_tokens=16 + 16 + 41)
+
+    args, kw = _small_gpu_call(8)
+    kw.update(backend=backend, max_seqlen_q=16, max_seqlen_k=41, total_kv_tokens=73)
+    eager = cupy_paged.paged_attention(*args, **kw)
     out = cupy.full_like(eager, np.nan)
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
+        cupy_paged.paged_attention(*args, out=out, **kw)     # first use of the stream
+        out.fill(np.nan)
         stream.begin_capture()
-        cupy_paged.paged_attention(q, k, v, kc, vc, cum, past, table, out=out, **kw)
+        cupy_paged.paged_attention(*args, out=out, **kw)
         graph = stream.end_capture()
     graph.launch(stream)
     stream.synchronize()
     assert bool(cupy.array_equal(out, eager))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_calls_on_two_streams_do_not_interfere(backend):
+    import cupy
+    import cupy_paged
+
+    calls = [_small_gpu_call(seed) for seed in (1, 2)]
+    expected = [cupy_paged.paged_attention(*[x.copy() for x in args], **kw, backend=backend)
+                for args, kw in calls]
+    streams = [cupy.cuda.Stream(non_blocking=True) for _ in calls]
+    outs = []
+    for _ in range(5):
+        for (args, kw), stream in zip(calls, streams):
+            with stream:
+                outs.append(cupy_paged.paged_attention(*args, **kw, backend=backend))
+    for stream in streams:
+        stream.synchronize()
+    for i, out in enumerate(outs):
+        assert bool(cupy.array_equal(out, expected[i % 2])), f"call {i}"

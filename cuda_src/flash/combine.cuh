@@ -1,0 +1,49 @@
+// Split-KV merge (flash-decoding's second pass): out = sum_s w_s O_s with w_s proportional to
+// 2^lse_s, in a fixed split order (deterministic, no atomics). A row no split saw is 0.
+#pragma once
+#include "flash/mma.cuh"
+#include "flash/online_softmax.cuh"
+
+namespace cupy_paged {
+namespace flash {
+
+// partial_o: (num_splits, rows, H) fp32, each split's normalised output; partial_lse:
+// (num_splits, rows), log2 of each split's sum of 2^score (-inf: the split saw no key);
+// out: (rows, H) = (T, N*H). One thread per 4 channels of a row, grid-stride.
+template <typename T>
+__device__ __forceinline__ void combine(const float* __restrict__ partial_o,
+                                        const float* __restrict__ partial_lse, T* __restrict__ out,
+                                        int rows, int head_size, int num_splits) {
+  const int quads = head_size / 4;
+  const long long items = static_cast<long long>(rows) * quads;
+  for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
+       i += static_cast<long long>(gridDim.x) * blockDim.x) {
+    const long long row = i / quads;
+    const int c = static_cast<int>(i - row * quads) * 4;
+    float mx = neg_inf();
+    for (int s = 0; s < num_splits; ++s)
+      mx = fmaxf(mx, partial_lse[s * static_cast<long long>(rows) + row]);
+    float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    float wsum = 0.0f;
+    if (mx != neg_inf()) {
+      for (int s = 0; s < num_splits; ++s) {
+        const long long r = s * static_cast<long long>(rows) + row;
+        const float w = fast_exp2(partial_lse[r] - mx);
+        const float4 v = *reinterpret_cast<const float4*>(partial_o + r * head_size + c);
+        wsum += w;
+        acc[0] += w * v.x;
+        acc[1] += w * v.y;
+        acc[2] += w * v.z;
+        acc[3] += w * v.w;
+      }
+    }
+    const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+    uint2 packed;
+    packed.x = pack2<T>(acc[0] * inv, acc[1] * inv);
+    packed.y = pack2<T>(acc[2] * inv, acc[3] * inv);
+    *reinterpret_cast<uint2*>(out + row * head_size + c) = packed;
+  }
+}
+
+}  // namespace flash
+}  // namespace cupy_paged

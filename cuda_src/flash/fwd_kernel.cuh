@@ -1,0 +1,283 @@
+// The flash forward kernel: one CTA per (query tile of one sequence, kv head, key split). The G
+// query heads of a kv head are packed into the tile's rows (row = token * G + g), so K/V tiles
+// are read once per kv head and a decode step still fills the MMA's 16 rows.
+#pragma once
+#include "flash/mma.cuh"
+#include "flash/online_softmax.cuh"
+#include "flash/paged_tiles.cuh"
+#include "flash/traits.cuh"
+
+namespace cupy_paged {
+namespace flash {
+
+struct FwdParams {
+  const void* q;            // (T, N*H), rotated
+  const void* key_cache;    // (num_blocks, block_size, Nkv, H)
+  const void* value_cache;  // (num_blocks, block_size, Nkv, H)
+  const int* cum;           // (B+1,)
+  const int* past;          // (B,)
+  const int* block_table;   // (B, max_blocks), -1 = unmapped
+  void* out;                // (T, N*H), written when num_splits == 1
+  float* partial_o;         // (num_splits, T*N, H), normalised per split (num_splits > 1)
+  float* partial_lse;       // (num_splits, T*N), log2 of each split's row sum (-inf: no key)
+  int num_tokens, batch, num_heads, kv_heads, head_size, group;
+  BlockDiv blocks;
+  int num_blocks, max_blocks;
+  float scale_log2;         // scale * log2(e) (softcap off)
+  float cap_in, cap_out;    // scale / c and c * log2(e); cap_in = 0: softcap off
+  int window;               // <= 0: off
+  int num_splits;
+};
+
+// Sequence b owns grid tiles [first_tile(b), first_tile(b + 1)), first_tile(b) = ceil(cum[b] G /
+// BM) + b: strictly increasing, ceil(cum[B] G / BM) + B in all, and at least the
+// ceil(q_len G / BM) tiles b needs. Known from cum alone: no host data, no sync.
+template <int BM>
+__device__ __forceinline__ long long first_tile(const int* cum, int b, int group) {
+  return (static_cast<long long>(cum[b]) * group + BM - 1) / BM + b;
+}
+
+// The b in [0, batch) with first_tile(b) <= tile < first_tile(b + 1) (binary search).
+template <int BM>
+__device__ __forceinline__ int sequence_of_tile(const int* cum, int batch, int group,
+                                                long long tile) {
+  int lo = 0, hi = batch;
+  while (hi - lo > 1) {
+    const int mid = lo + (hi - lo) / 2;
+    if (first_tile<BM>(cum, mid, group) <= tile) lo = mid; else hi = mid;
+  }
+  return lo;
+}
+
+template <class Tr>
+__device__ __forceinline__ void fwd(const FwdParams& p) {
+  using T = typename Tr::T;
+  constexpr int MF = Tr::MFRAG, NF = Tr::NFRAG, DF = Tr::DFRAG, ROW = Tr::ROW;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);            // (BM, ROW); reused to stage the output
+  T* sK = sQ + Tr::Q_ELEMS;                          // STAGES x (BN, ROW)
+  T* sV = sK + Tr::STAGES * Tr::KV_ELEMS;            // STAGES x (BN, ROW)
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int kvh = blockIdx.y, split = blockIdx.z, G = p.group, H = p.head_size;
+
+  // Heavy tiles (last rows of long sequences see the most keys) are launched first.
+  const long long tile = static_cast<long long>(gridDim.x) - 1 - blockIdx.x;
+  const int b = sequence_of_tile<Tr::BM>(p.cum, p.batch, G, tile);
+  const int q_begin = p.cum[b];
+  const int q_len = p.cum[b + 1] - q_begin;
+  const int rows = q_len * G;
+  const long long m_block = tile - first_tile<Tr::BM>(p.cum, b, G);
+  if (m_block < 0 || m_block * Tr::BM >= rows) return;  // CTA-uniform, before any barrier
+  const int row0 = static_cast<int>(m_block) * Tr::BM;
+  const int past = p.past[b];
+  const int p_first = past + row0 / G;                            // position of the first row
+  const int p_last = past + (min(row0 + Tr::BM, rows) - 1) / G;   // ... and of the last
+
+  // Key tiles [t_lo, t_hi) hold every key some row of the tile may see: from the first row's
+  // window start to the last row's causal end; split `split` takes an even share of them.
+  const int k_lo = p.window > 0 ? max(p_first - p.window + 1, 0) : 0;
+  const int t_lo = k_lo / Tr::BN;
+  const int t_hi = p_last >= 0 ? p_last / Tr::BN + 1 : 0;
+  const int n_tiles = max(t_hi - t_lo, 0);
+  const int per_split = (n_tiles + p.num_splits - 1) / p.num_splits;
+  const int my_lo = t_lo + min(split * per_split, n_tiles);
+  const int my_hi = t_lo + min((split + 1) * per_split, n_tiles);
+
+  PagedSeq<T> seq;
+  seq.key_cache = static_cast<const T*>(p.key_cache);
+  seq.value_cache = static_cast<const T*>(p.value_cache);
+  seq.table_row = p.block_table + static_cast<long long>(b) * p.max_blocks;
+  seq.token_stride = static_cast<long long>(p.kv_heads) * H;
+  seq.head_offset = static_cast<long long>(kvh) * H;
+  seq.kv_len = past + q_len;
+  seq.max_blocks = p.max_blocks;
+  seq.num_blocks = p.num_blocks;
+  seq.blocks = p.blocks;
+
+  // Prologue: Q and the first STAGES - 1 K/V tiles, one commit group per tile (Q rides in the
+  // first). hole_bits bit s: this thread saw an unloadable key in the tile of stage s.
+  load_q_tile<Tr>(sQ, static_cast<const T*>(p.q), q_begin, row0, rows, G, kvh * G,
+                  p.num_heads, H, tid);
+  unsigned hole_bits = 0;
+#pragma unroll
+  for (int s = 0; s < Tr::STAGES - 1; ++s) {
+    if (my_lo + s < my_hi) {
+      const bool h = load_kv_tile<Tr>(sK + s * Tr::KV_ELEMS, sV + s * Tr::KV_ELEMS, seq,
+                                      (my_lo + s) * Tr::BN, H, tid);
+      hole_bits |= static_cast<unsigned>(h) << s;
+    }
+    cp_async_commit();
+  }
+
+  int pos[MF][2];  // absolute positions of this thread's rows
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int h = 0; h < 2; ++h)
+      pos[mf][h] = past + (row0 + warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h) / G;
+
+  float o[MF][DF][4], m[MF][2], l[MF][2];
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf) {
+#pragma unroll
+    for (int d = 0; d < DF; ++d)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[mf][d][e] = 0.0f;
+    m[mf][0] = m[mf][1] = neg_inf();
+    l[mf][0] = l[mf][1] = 0.0f;
+  }
+
+  const T* sQw = sQ + warp * Tr::WARP_ROWS * ROW;  // this warp's rows
+  int stage = 0;
+  for (int kt = my_lo; kt < my_hi; ++kt) {
+    cp_async_wait<Tr::STAGES - 2>();  // tile kt has landed (for this thread) ...
+    // ... for every thread; and every warp is done with the stage refilled below.
+    const bool hole = __syncthreads_or((hole_bits >> stage) & 1u) != 0;
+    {
+      const int next = kt + Tr::STAGES - 1;
+      const int ns = (stage + Tr::STAGES - 1) % Tr::STAGES;
+      if (next < my_hi) {
+        const bool h = load_kv_tile<Tr>(sK + ns * Tr::KV_ELEMS, sV + ns * Tr::KV_ELEMS, seq,
+                                        next * Tr::BN, H, tid);
+        hole_bits = (hole_bits & ~(1u << ns)) | (static_cast<unsigned>(h) << ns);
+      }
+      cp_async_commit();
+    }
+    const T* sKs = sK + stage * Tr::KV_ELEMS;
+    const T* sVs = sV + stage * Tr::KV_ELEMS;
+
+    // S = Q K^T (fp32), 16 channels at a time; channels >= H are zero, skipped when whole.
+    float s[MF][NF][4];
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+      for (int nf = 0; nf < NF; ++nf)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mf][nf][e] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < Tr::HEAD / 16; ++kk) {
+      unsigned a[MF][4];
+#pragma unroll
+      for (int mf = 0; mf < MF; ++mf)
+        ldmatrix_x4(a[mf], smem_addr(sQw + (mf * 16 + (lane & 15)) * ROW + kk * 16 +
+                                     (lane >> 4) * 8));
+#pragma unroll
+      for (int np = 0; np < NF / 2; ++np) {
+        unsigned kf[4];
+        ldmatrix_x4(kf, smem_addr(sKs + (np * 16 + (lane & 7) + (lane >> 4) * 8) * ROW +
+                                  kk * 16 + ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf) {
+          mma_16816<T>(s[mf][2 * np], a[mf], kf[0], kf[1]);
+          mma_16816<T>(s[mf][2 * np + 1], a[mf], kf[2], kf[3]);
+        }
+      }
+    }
+
+    transform_scores(s, p.scale_log2, p.cap_in, p.cap_out);
+    const int k0 = kt * Tr::BN;
+    const bool need_mask = hole || k0 + Tr::BN - 1 > p_first ||
+                           (p.window > 0 && k0 <= p_last - p.window);
+    if (need_mask) mask_scores<MF, NF, ROW, Tr::HEAD>(s, pos, k0, p.window, sKs, lane);
+    online_softmax(s, o, m, l);
+
+    // O += P V: the probabilities, rounded to T, are the A fragments (C layout == A layout).
+#pragma unroll
+    for (int kk = 0; kk < Tr::BN / 16; ++kk) {
+      unsigned a[MF][4];
+#pragma unroll
+      for (int mf = 0; mf < MF; ++mf) {
+        a[mf][0] = pack2<T>(s[mf][2 * kk][0], s[mf][2 * kk][1]);
+        a[mf][1] = pack2<T>(s[mf][2 * kk][2], s[mf][2 * kk][3]);
+        a[mf][2] = pack2<T>(s[mf][2 * kk + 1][0], s[mf][2 * kk + 1][1]);
+        a[mf][3] = pack2<T>(s[mf][2 * kk + 1][2], s[mf][2 * kk + 1][3]);
+      }
+#pragma unroll
+      for (int dp = 0; dp < Tr::HEAD / 16; ++dp) {
+        unsigned vf[4];
+        ldmatrix_x4_trans(vf, smem_addr(sVs + (kk * 16 + (lane & 15)) * ROW + dp * 16 +
+                                        (lane >> 4) * 8));
+#pragma unroll
+        for (int mf = 0; mf < MF; ++mf) {
+          mma_16816<T>(o[mf][2 * dp], a[mf], vf[0], vf[1]);
+          mma_16816<T>(o[mf][2 * dp + 1], a[mf], vf[2], vf[3]);
+        }
+      }
+    }
+    stage = stage + 1 == Tr::STAGES ? 0 : stage + 1;
+  }
+
+  reduce_row_sums(l);
+  cp_async_wait<0>();  // no copy may land in sQ after the staging below
+  __syncthreads();
+  if (p.num_splits == 1) {
+    // Stage the tile's output rows in sQ, then write whole 16-byte chunks to out (T, N*H).
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float inv = l[mf][h] > 0.0f ? __fdividef(1.0f, l[mf][h]) : 0.0f;  // l >= 1; none: 0
+        T* dst = sQ + (warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h) * ROW +
+                 (lane & 3) * 2;
+#pragma unroll
+        for (int d = 0; d < DF; ++d)
+          *reinterpret_cast<unsigned*>(dst + d * 8) =
+              pack2<T>(o[mf][d][2 * h] * inv, o[mf][d][2 * h + 1] * inv);
+      }
+    __syncthreads();
+    T* out = static_cast<T*>(p.out);
+#pragma unroll
+    for (int it = 0; it < Tr::Q_ITERS; ++it) {
+      const int idx = tid + it * Tr::THREADS;
+      const int r = idx / Tr::CHUNKS, c = idx % Tr::CHUNKS;
+      const int row = row0 + r;
+      if (idx < Tr::BM * Tr::CHUNKS && row < rows && c * 8 < H) {
+        const int j = row / G;
+        const long long n = static_cast<long long>(kvh) * G + (row - j * G);
+        *reinterpret_cast<uint4*>(out + ((q_begin + j) * static_cast<long long>(p.num_heads) +
+                                         n) * H + c * 8) =
+            *reinterpret_cast<const uint4*>(sQ + r * ROW + c * 8);
+      }
+    }
+  } else {
+    // Split: this split's normalised output and log2-sum-exp2, fp32, for the combine kernel.
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int row = row0 + warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h;
+        if (row >= rows) continue;
+        const int j = row / G;
+        const long long ridx = (static_cast<long long>(split) * p.num_tokens + q_begin + j) *
+                                   p.num_heads + static_cast<long long>(kvh) * G + (row - j * G);
+        const bool seen = l[mf][h] > 0.0f;
+        const float inv = seen ? __fdividef(1.0f, l[mf][h]) : 0.0f;
+        float* dst = p.partial_o + ridx * H + (lane & 3) * 2;
+#pragma unroll
+        for (int d = 0; d < DF; ++d)
+          if (d * 8 < H)
+            *reinterpret_cast<float2*>(dst + d * 8) =
+                make_float2(o[mf][d][2 * h] * inv, o[mf][d][2 * h + 1] * inv);
+        if ((lane & 3) == 0) p.partial_lse[ridx] = seen ? m[mf][h] + __log2f(l[mf][h]) : neg_inf();
+      }
+  }
+}
+
+// The generated extern "C" entries forward their flat arguments here (the order of
+// _flash_kernels.FWD_PARAMS).
+template <class Tr>
+__device__ __forceinline__ void fwd_entry(
+    const void* q, const void* key_cache, const void* value_cache, const int* cum,
+    const int* past, const int* block_table, void* out, float* partial_o, float* partial_lse,
+    int num_tokens, int batch, int num_heads, int kv_heads, int head_size, int group,
+    int block_size, int block_shift, unsigned block_magic, int block_magic_shift, int num_blocks,
+    int max_blocks, float scale_log2, float cap_in, float cap_out, int window, int num_splits) {
+  FwdParams p{q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse,
+              num_tokens, batch, num_heads, kv_heads, head_size, group,
+              BlockDiv{block_size, block_shift, block_magic, block_magic_shift},
+              num_blocks, max_blocks, scale_log2, cap_in, cap_out, window, num_splits};
+  fwd<Tr>(p);
+}
+
+}  // namespace flash
+}  // namespace cupy_paged

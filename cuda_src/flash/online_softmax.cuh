@@ -1,0 +1,121 @@
+// Scores on MMA fragments, in the order the contract fixes: s = scale * q.k, softcap
+// c * tanh(s / c), then the masks (causal, window, unloadable keys), then the online softmax:
+// running row max / sum in registers, output rescale, everything in the log2 domain (exp2).
+#pragma once
+#include "flash/mma.cuh"
+
+namespace cupy_paged {
+namespace flash {
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+// tanh(x) = 1 - 2 / (1 + e^{2x}): absolute error ~1e-7 (what a softmax logit needs; the
+// tanh.approx instruction's 2^-11 would shift c = 50 logits by ~0.03). Saturates to +-1.
+__device__ __forceinline__ float tanh_exp(float x) {
+  const float e = fast_exp2(x * 2.8853900817779268f);  // 2 log2(e)
+  float r;  // 1 / (1 + e), rcp.approx: ~1 ulp, and 1 / inf = 0 (x -> +inf gives 1)
+  asm("rcp.approx.ftz.f32 %0, %1;\n" : "=f"(r) : "f"(1.0f + e));
+  return 1.0f - 2.0f * r;
+}
+
+// Fragment layout (m16n8k16 accumulators): s[mf][nf][e] is row 16 mf + lane / 4 + 8 (e / 2),
+// key 8 nf + 2 (lane % 4) + (e % 2) of the warp's rows and the tile's keys.
+template <int MF, int NF>
+__device__ __forceinline__ void transform_scores(float (&s)[MF][NF][4], float scale_log2,
+                                                 float cap_in, float cap_out) {
+  if (cap_in > 0.0f) {  // s2 = c tanh(scale acc / c) log2 e: cap_in = scale / c, cap_out = c log2 e
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+      for (int nf = 0; nf < NF; ++nf)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mf][nf][e] = tanh_exp(s[mf][nf][e] * cap_in) * cap_out;
+  } else {
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+      for (int nf = 0; nf < NF; ++nf)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s[mf][nf][e] *= scale_log2;
+  }
+}
+
+// Sets to -inf every score whose key k = k0 + column is not visible from its row's position p:
+// k <= p (bottom-right causal), k > p - W when W > 0, and the key loadable (flag in the K row's
+// pad, written by load_kv_tile; 0 for unmapped blocks and positions >= kv_len).
+template <int MF, int NF, int ROW, int HEAD, typename T>
+__device__ __forceinline__ void mask_scores(float (&s)[MF][NF][4], const int (&pos)[MF][2],
+                                            int k0, int window, const T* sK, int lane) {
+#pragma unroll
+  for (int nf = 0; nf < NF; ++nf) {
+#pragma unroll
+    for (int e1 = 0; e1 < 2; ++e1) {
+      const int kr = nf * 8 + (lane & 3) * 2 + e1;
+      const int k = k0 + kr;
+      const bool loadable = *reinterpret_cast<const int*>(sK + kr * ROW + HEAD) != 0;
+#pragma unroll
+      for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int p = pos[mf][h];
+          const bool visible = loadable && k <= p && (window <= 0 || k > p - window);
+          if (!visible) s[mf][nf][2 * h + e1] = neg_inf();
+        }
+    }
+  }
+}
+
+// One tile of the online softmax. s: scores (log2 domain) in, probabilities 2^(s - m) out;
+// o: output accumulators (o[mf][d][e]: row as s, channel 8 d + 2 (lane % 4) + (e % 2)) rescaled
+// by 2^(m_old - m_new); m: running row max (quad-uniform); l: this thread's partial row sum.
+// A row that has seen only -inf keeps m = -inf, l = 0 and never produces NaN.
+template <int MF, int NF, int DF>
+__device__ __forceinline__ void online_softmax(float (&s)[MF][NF][4], float (&o)[MF][DF][4],
+                                               float (&m)[MF][2], float (&l)[MF][2]) {
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      float mx = neg_inf();
+#pragma unroll
+      for (int nf = 0; nf < NF; ++nf)
+        mx = fmaxf(mx, fmaxf(s[mf][nf][2 * h], s[mf][nf][2 * h + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m[mf][h], mx);
+      const float m_use = m_new == neg_inf() ? 0.0f : m_new;
+      const float corr = fast_exp2(m[mf][h] - m_use);  // 0 on the first visible tile
+      m[mf][h] = m_new;
+      float sum = 0.0f;
+#pragma unroll
+      for (int nf = 0; nf < NF; ++nf)
+#pragma unroll
+        for (int e = 2 * h; e < 2 * h + 2; ++e) {
+          const float pr = fast_exp2(s[mf][nf][e] - m_use);
+          s[mf][nf][e] = pr;
+          sum += pr;
+        }
+      l[mf][h] = l[mf][h] * corr + sum;
+#pragma unroll
+      for (int d = 0; d < DF; ++d) {
+        o[mf][d][2 * h] *= corr;
+        o[mf][d][2 * h + 1] *= corr;
+      }
+    }
+  }
+}
+
+// Full row sums from the four lanes of a quad (each held a quarter of the columns).
+template <int MF>
+__device__ __forceinline__ void reduce_row_sums(float (&l)[MF][2]) {
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      l[mf][h] += __shfl_xor_sync(0xffffffffu, l[mf][h], 1);
+      l[mf][h] += __shfl_xor_sync(0xffffffffu, l[mf][h], 2);
+    }
+}
+
+}  // namespace flash
+}  // namespace cupy_paged

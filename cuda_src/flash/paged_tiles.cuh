@@ -1,0 +1,116 @@
+// Global -> shared tile loads of the flash kernel with cp.async: the Q tile of (token, head)
+// rows, and K/V tiles read straight from the paged cache, each key row resolved through the
+// block table (any block_size >= 1; one lookup per tile when block_size % BN == 0, a power of 2).
+#pragma once
+#include "flash/mma.cuh"
+
+namespace cupy_paged {
+namespace flash {
+
+// n / d and n % d for 0 <= n < 2^31 and a runtime d >= 1: shifts for powers of two, otherwise
+// Granlund-Montgomery: q = umulhi(n, m) >> s with p = 31 + ceil(log2 d), m = ceil(2^p / d),
+// s = p - 32 (exact for n < 2^31; the host computes m and s, cupy_paged/backends/_flash_kernels).
+struct BlockDiv {
+  int size;      // block_size
+  int shift;     // log2(block_size) if a power of two, else -1
+  unsigned magic;
+  int magic_shift;
+
+  __device__ __forceinline__ int div(int n) const {
+    return shift >= 0 ? (n >> shift)
+                      : static_cast<int>(__umulhi(static_cast<unsigned>(n), magic) >> magic_shift);
+  }
+};
+
+// One sequence's keys and values for one kv head, seen through the paged cache.
+template <typename T>
+struct PagedSeq {
+  const T* key_cache;     // (num_blocks, block_size, Nkv, H)
+  const T* value_cache;   // (num_blocks, block_size, Nkv, H)
+  const int* table_row;   // block_table[b], (max_blocks,)
+  long long token_stride; // Nkv * H elements between consecutive slots of a block
+  long long head_offset;  // kvh * H
+  int kv_len;             // past + q_len: keys at positions >= kv_len are never read
+  int max_blocks;
+  int num_blocks;
+  BlockDiv blocks;
+
+  // Element offset of (key pos, kvh, 0) in the caches, or -1 when the key is not loadable
+  // (outside [0, kv_len), past the table, or in an unmapped / out-of-range block). 64-bit: caches
+  // past 2^31 elements are real.
+  __device__ __forceinline__ long long offset(int pos) const {
+    if (pos < 0 || pos >= kv_len) return -1;
+    const int column = blocks.div(pos);
+    if (column >= max_blocks) return -1;
+    const int block = table_row[column];
+    if (block < 0 || block >= num_blocks) return -1;
+    const int slot = pos - column * blocks.size;
+    return (static_cast<long long>(block) * blocks.size + slot) * token_stride + head_offset;
+  }
+};
+
+// The Q tile: row r of the tile is sequence row row0 + r = (token j, head g) with j = row / G,
+// g = row % G; rows past `rows` and channels >= H are zero-filled. q: (T, N*H).
+template <class Tr>
+__device__ __forceinline__ void load_q_tile(typename Tr::T* sQ, const typename Tr::T* q,
+                                            long long q_begin, int row0, int rows, int group,
+                                            int head0, int num_heads, int head_size, int tid) {
+#pragma unroll
+  for (int it = 0; it < Tr::Q_ITERS; ++it) {
+    const int idx = tid + it * Tr::THREADS;
+    if (Tr::BM * Tr::CHUNKS % Tr::THREADS != 0 && idx >= Tr::BM * Tr::CHUNKS) break;
+    const int r = idx / Tr::CHUNKS, c = idx % Tr::CHUNKS;
+    const int row = row0 + r;
+    const bool ok = row < rows && c * 8 < head_size;
+    const typename Tr::T* src = q;
+    if (ok) {
+      const int j = row / group;
+      const int n = head0 + (row - j * group);
+      src = q + ((q_begin + j) * num_heads + n) * head_size + c * 8;
+    }
+    cp_async_16(smem_addr(sQ + r * Tr::ROW + c * 8), src, ok);
+  }
+}
+
+// Issues the K and V tile of keys [k0, k0 + BN) (k0 % BN == 0) into sK, sV (BN x ROW each),
+// zero-filling keys that are not loadable and channels >= H, and stores each key's loadable
+// flag in its K row's pad. Returns whether any key this thread touched is not loadable (the
+// CTA-wide OR tells the consumer whether the tile needs masking beyond causal/window).
+template <class Tr>
+__device__ __forceinline__ bool load_kv_tile(typename Tr::T* sK, typename Tr::T* sV,
+                                             const PagedSeq<typename Tr::T>& seq, int k0,
+                                             int head_size, int tid) {
+  constexpr int kBnLog2 = Tr::BN == 16 ? 4 : Tr::BN == 32 ? 5 : Tr::BN == 64 ? 6 : 7;
+  static_assert((1 << kBnLog2) == Tr::BN, "BN in {16, 32, 64, 128}");
+  // Fast path: the whole tile lies in one block; one table lookup, consecutive slots.
+  const bool one_block = seq.blocks.shift >= kBnLog2;
+  long long tile_base = -1;
+  if (one_block) tile_base = seq.offset(k0);
+  bool hole = false;
+  // Not unrolled: unrolled, ptxas hoists every row's 64-bit address and the 128-row-tile
+  // variants spilled (e.g. h128 m128 n64: 400 B); rolled, the main loop has no spills.
+#pragma unroll 1
+  for (int it = 0; it < Tr::KV_ITERS; ++it) {
+    const int idx = tid + it * Tr::THREADS;
+    if (Tr::BN * Tr::CHUNKS % Tr::THREADS != 0 && idx >= Tr::BN * Tr::CHUNKS) break;
+    const int r = idx / Tr::CHUNKS, c = idx % Tr::CHUNKS;
+    const int pos = k0 + r;
+    long long off;
+    if (one_block) {
+      off = (tile_base >= 0 && pos < seq.kv_len) ? tile_base + r * seq.token_stride : -1;
+    } else {
+      off = seq.offset(pos);
+    }
+    const bool loadable = off >= 0;
+    hole |= !loadable;
+    const bool ok = loadable && c * 8 < head_size;
+    const long long src = ok ? off + c * 8 : 0;
+    cp_async_16(smem_addr(sK + r * Tr::ROW + c * 8), seq.key_cache + src, ok);
+    cp_async_16(smem_addr(sV + r * Tr::ROW + c * 8), seq.value_cache + src, ok);
+    if (c == 0) *reinterpret_cast<int*>(sK + r * Tr::ROW + Tr::HEAD) = loadable ? 1 : 0;
+  }
+  return hole;
+}
+
+}  // namespace flash
+}  // namespace cupy_paged

@@ -1,0 +1,50 @@
+// Tile constants of one flash-kernel instantiation and the invariants they must satisfy: a
+// (BM query rows) x (BN keys) tile over a padded head of HEAD channels, WARPS warps of 16*MFRAG
+// rows each, STAGES shared-memory buffers of K/V tiles, all inside the arch's shared memory.
+#pragma once
+
+namespace cupy_paged {
+namespace flash {
+
+// Opt-in dynamic shared memory per block (bytes): sm80/sm87/sm90 class and sm86/sm89 class.
+constexpr int kSmemSm80 = 166912;  // 163 KB
+constexpr int kSmemSm86 = 101376;  // 99 KB
+
+template <typename T_, int HEAD_, int BM_, int BN_, int WARPS_, int STAGES_, int SMEM_LIMIT_>
+struct Traits {
+  using T = T_;
+  static constexpr int HEAD = HEAD_;      // padded head size (the MMA's K for Q.K, N for P.V)
+  static constexpr int BM = BM_;          // query rows (token, head-in-group pairs) per tile
+  static constexpr int BN = BN_;          // keys per tile
+  static constexpr int WARPS = WARPS_;
+  static constexpr int STAGES = STAGES_;  // K/V tiles in shared memory (STAGES - 1 in flight)
+  static constexpr int THREADS = 32 * WARPS;
+  static constexpr int WARP_ROWS = BM / WARPS;
+  static constexpr int MFRAG = WARP_ROWS / 16;  // 16-row MMA fragments per warp
+  static constexpr int NFRAG = BN / 8;          // 8-key score fragments
+  static constexpr int DFRAG = HEAD / 8;        // 8-channel output fragments
+  static constexpr int CHUNKS = HEAD / 8;       // 16-byte chunks per row
+  // Shared rows are padded by 16 bytes: (HEAD + 8) / 8 is odd for HEAD % 16 == 0, so the 8 row
+  // addresses of an ldmatrix hit 8 distinct 16-byte bank groups (no conflicts). The pad of each
+  // K row also holds that key's "loadable" flag (an int at element HEAD).
+  static constexpr int ROW = HEAD + 8;
+  static constexpr int Q_ELEMS = BM * ROW;
+  static constexpr int KV_ELEMS = BN * ROW;
+  static constexpr int SMEM_BYTES = (Q_ELEMS + 2 * STAGES * KV_ELEMS) * 2;
+  // 16-byte chunks per thread: of the Q tile, and of each K and V tile (the last round may be
+  // partial, e.g. HEAD = 80, BN = 32, 128 threads: 320 chunks).
+  static constexpr int Q_ITERS = (BM * CHUNKS + THREADS - 1) / THREADS;
+  static constexpr int KV_ITERS = (BN * CHUNKS + THREADS - 1) / THREADS;
+
+  static_assert(sizeof(T) == 2, "fp16 / bf16 only");
+  static_assert(HEAD % 16 == 0 && HEAD >= 16 && HEAD <= 256, "HEAD: multiple of 16, <= 256");
+  static_assert(BM % (16 * WARPS) == 0 && MFRAG >= 1, "each warp owns whole 16-row fragments");
+  static_assert(BN % 16 == 0, "BN: whole 16-key MMA steps");
+  static_assert((BM & (BM - 1)) == 0 && (BN & (BN - 1)) == 0, "BM, BN: powers of two");
+  static_assert(STAGES >= 2, "STAGES >= 2: tile i + STAGES - 1 loads while tile i computes");
+  static_assert(((HEAD + 8) / 8) % 2 == 1, "padded row stride must be an odd number of 16 B");
+  static_assert(SMEM_BYTES <= SMEM_LIMIT_, "tile does not fit the arch's shared memory");
+};
+
+}  // namespace flash
+}  // namespace cupy_paged

@@ -1,0 +1,363 @@
+"""Flash backend kernels: variant naming and registration, tile and split heuristics, launch.
+
+Mechanism lives in ``cuda_src/flash/`` (a FlashAttention-2 style forward kernel that reads K/V
+straight from the paged cache, and the split-KV combine); this module holds the policy: which
+instantiation a call uses (``variant_name``), how many key splits (``plan_splits``), and the
+launch on the current CuPy stream (``launch_flash``). Imports with NumPy alone; CuPy loads at
+the first launch. Nothing here reads device memory: every launch is CUDA-graph capturable.
+"""
+from __future__ import annotations
+
+import functools
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..jit import KernelSpec, get_function, register
+
+# Instantiated (padded) head sizes; H % 8 == 0 pads up to the next one (32, 40 -> 64).
+HEAD_SIZES = (64, 80, 96, 128, 160, 192, 256)
+_DTYPES = {"float16": ("f16", "__half"), "bfloat16": ("bf16", "__nv_bfloat16")}
+# Opt-in dynamic shared memory per block (bytes) of each tile class (cuda_src/flash/traits.cuh).
+SMEM_LIMIT = {"sm80": 166912, "sm86": 101376}
+# Shared memory per SM (bytes), for the occupancy estimate of the split heuristic.
+_SMEM_PER_SM = {80: 167936, 86: 102400, 87: 167936, 89: 102400, 90: 233472, 100: 233472,
+                103: 233472, 120: 102400, 121: 102400}
+_SMALL_SMEM_SMS = frozenset({86, 89, 120, 121})  # ~100 KB per block: the sm86 tile class
+_LOG2E = math.log2(math.e)
+_COMBINE_THREADS = 256
+_MAX_SPLITS = 64
+_MAX_WORKSPACE_BYTES = 256 << 20
+
+# The kernel's flat parameters, in order: (C type, name). T* becomes void* here and the
+# entry forwards them to cupy_paged::flash::fwd_entry.
+FWD_PARAMS = (
+    ("const void*", "q"), ("const void*", "key_cache"), ("const void*", "value_cache"),
+    ("const int*", "cum"), ("const int*", "past"), ("const int*", "block_table"),
+    ("void*", "out"), ("float*", "partial_o"), ("float*", "partial_lse"),
+    ("int", "num_tokens"), ("int", "batch"), ("int", "num_heads"), ("int", "kv_heads"),
+    ("int", "head_size"), ("int", "group"), ("int", "block_size"), ("int", "block_shift"),
+    ("unsigned", "block_magic"), ("int", "block_magic_shift"), ("int", "num_blocks"),
+    ("int", "max_blocks"), ("float", "scale_log2"), ("float", "cap_in"), ("float", "cap_out"),
+    ("int", "window"), ("int", "num_splits"),
+)
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One instantiation's tile: BM query rows x BN keys over a padded head, per tile class."""
+
+    head: int
+    bm: int
+    bn: int
+    warps: int
+    stages: int
+    arch: str  # "sm80" (163 KB shared memory per block) or "sm86" (99 KB)
+
+    @property
+    def threads(self):
+        return 32 * self.warps
+
+    @property
+    def mfrag(self):
+        return self.bm // (16 * self.warps)
+
+    @property
+    def smem_bytes(self):
+        """Mirrors Traits::SMEM_BYTES: padded rows of Q plus STAGES K and V tiles, 2 bytes each."""
+        row = self.head + 8
+        return (self.bm * row + 2 * self.stages * self.bn * row) * 2
+
+
+def arch_class(sm):
+    """The tile class of compute capability ``sm`` (e.g. 90): "sm86" for ~100 KB parts."""
+    return "sm86" if int(sm) in _SMALL_SMEM_SMS else "sm80"
+
+
+def padded_head(head_size):
+    for h in HEAD_SIZES:
+        if head_size <= h:
+            return h
+    raise ValueError(f"head_size {head_size} > {HEAD_SIZES[-1]}: the flash kernel is "
+                     f"instantiated up to {HEAD_SIZES[-1]} channels")
+
+
+def tile_for(head, rows_bound, arch):
+    """Tile for padded head ``head`` when sequences have about ``rows_bound`` rows (q_len * G).
+
+    Decode and short chunks: 4 warps of 16 rows, 64 keys a tile (H100, fp16 decode 64 x 4096,
+    H 128, bs 16: 2322 GB/s, against 1617 for one warp of 16 rows, 1591 for the prefill tile,
+    1882 for 32 keys x 4 stages, 1407 for 3 stages). Prefill: 4 warps of 32 rows (each K/V
+    fragment feeds two MMAs; 8 x 2048 causal: 187 TFLOP/s, against 150 for 64 rows and 128 for
+    3 stages), 32 keys a tile above head 64 (64 keys spill registers for no gain). STAGES = 2:
+    one K/V tile in flight while one computes. Any tile is correct for any q_len: speed only.
+    """
+    small = arch == "sm86"
+    if rows_bound <= 64 or head > 128:
+        bn = 64 if head <= (128 if small else 192) else 32
+        return Tile(head, 64, bn, 4, 2, arch)
+    return Tile(head, 128, 64 if head <= 64 else 32, 4, 2, arch)
+
+
+def _rows_bound(problem):
+    """G times the caller's max_seqlen_q, else times the mean q_len (T / B): without a hint a
+    decode batch (T = B) must not get the prefill tile."""
+    T, B = problem.num_tokens, max(problem.batch, 1)
+    q = min(T, problem.max_seqlen_q) if problem.max_seqlen_q is not None else -(-T // B)
+    return problem.group * max(q, 1)
+
+
+def problem_tile(problem, sm):
+    return tile_for(padded_head(problem.head_size), _rows_bound(problem), arch_class(sm))
+
+
+# ---------------------------------------------------------------- names and registration
+
+
+def fwd_name(dtype, tile):
+    """e.g. flash_fwd_f16_h128_m64_n64_w4_s2_sm80: extern "C" symbol, cache file, test id."""
+    short = _DTYPES[dtype][0]
+    return (f"flash_fwd_{short}_h{tile.head}_m{tile.bm}_n{tile.bn}_w{tile.warps}"
+            f"_s{tile.stages}_{tile.arch}")
+
+
+def combine_name(dtype):
+    return f"flash_combine_{_DTYPES[dtype][0]}"
+
+
+@functools.lru_cache(maxsize=None)
+def _register_fwd(dtype, tile):
+    name = fwd_name(dtype, tile)
+    if tile.smem_bytes > SMEM_LIMIT[tile.arch]:
+        raise ValueError(f"{name}: {tile.smem_bytes} bytes of shared memory > the "
+                         f"{tile.arch} class's {SMEM_LIMIT[tile.arch]}")
+    ctype = _DTYPES[dtype][1]
+    limit = "kSmemSm80" if tile.arch == "sm80" else "kSmemSm86"
+    traits = (f"cupy_paged::flash::Traits<{ctype}, {tile.head}, {tile.bm}, {tile.bn}, "
+              f"{tile.warps}, {tile.stages}, cupy_paged::flash::{limit}>")
+    params = ",\n    ".join(f"{t} {n}" for t, n in FWD_PARAMS)
+    args = ", ".join(n for _, n in FWD_PARAMS)
+    entry = (f'extern "C" __global__ void __launch_bounds__({tile.threads})\n{name}(\n'
+             f"    {params}) {{\n  cupy_paged::flash::fwd_entry<{traits}>({args});\n}}\n")
+    register(KernelSpec(name, "flash/flash.cu", entry, min_arch=80))
+    return name
+
+
+@functools.lru_cache(maxsize=None)
+def _register_combine(dtype):
+    name, ctype = combine_name(dtype), _DTYPES[dtype][1]
+    entry = (f'extern "C" __global__ void __launch_bounds__({_COMBINE_THREADS})\n{name}('
+             f"const float* partial_o, const float* partial_lse, {ctype}* out, int rows, "
+             f"int head_size, int num_splits) {{\n  cupy_paged::flash::combine<{ctype}>("
+             f"partial_o, partial_lse, out, rows, head_size, num_splits);\n}}\n")
+    register(KernelSpec(name, "flash/flash.cu", entry, min_arch=80))
+    return name
+
+
+def _check_dtype(dtype):
+    if dtype not in _DTYPES:
+        raise ValueError(f"the flash kernel runs float16 and bfloat16, got {dtype}")
+
+
+def variant_name(problem, sm):
+    """Registers and returns the forward instantiation ``problem`` runs on compute capability
+    ``sm`` (an int such as 80 or 90)."""
+    _check_dtype(problem.dtype)
+    return _register_fwd(problem.dtype, problem_tile(problem, sm))
+
+
+def all_tiles(arch):
+    """Every tile the heuristic can pick in ``arch`` class, in a stable order."""
+    tiles = []
+    for head in HEAD_SIZES:
+        for rows in (64, 65):
+            t = tile_for(head, rows, arch)
+            if t not in tiles:
+                tiles.append(t)
+    return tiles
+
+
+def all_variant_names(arch="sm80"):
+    """Every forward instantiation of tile class ``arch`` and the combine kernels, registered."""
+    names = [_register_fwd(d, t) for d in _DTYPES for t in all_tiles(arch)]
+    return names + [_register_combine(d) for d in _DTYPES]
+
+
+# ---------------------------------------------------------------- split-KV heuristic
+
+
+def ctas_per_sm(tile, sm):
+    """Resident CTAs per SM: shared memory (1 KB reserved per CTA) and an estimate of
+    registers (accumulators + scores + ~64), capped by 64 warps per SM."""
+    by_smem = _SMEM_PER_SM.get(int(sm), 102400) // (tile.smem_bytes + 1024)
+    regs = min(255, 64 + tile.mfrag * (tile.head // 2 + tile.bn // 2))
+    by_regs = 65536 // (tile.threads * regs)
+    return max(1, min(by_smem, by_regs, 64 // tile.warps, 32))
+
+
+def _work_tiles(problem, bm):
+    """CTAs that do work per kv head, sum over b of ceil(q_len_b G / BM): bounded by T and
+    max_seqlen_q, estimated from the mean q_len (T / B) when there is no hint."""
+    T, B, G = problem.num_tokens, problem.batch, problem.group
+    q = min(T, problem.max_seqlen_q) if problem.max_seqlen_q is not None else -(-T // B)
+    return min(B * -(-G * q // bm), -(-T * G // bm) + min(B, T) - 1)
+
+
+def plan_splits(problem, sm_count, sm=80):
+    """Key splits per work unit, from host-known shapes only (T, B, Nkv, the key bound
+    max_seqlen_k or max_blocks * block_size, SM count): 1 when the units fill the GPU, else
+    the smallest count whose last wave is >= 85% as full as the best one (FlashAttention-2's
+    rule, with the resident CTAs per SM counted), each split keeping >= 2 key tiles."""
+    if problem.num_tokens == 0:
+        return 1
+    tile = problem_tile(problem, sm)
+    units = problem.kv_num_heads * _work_tiles(problem, tile.bm)
+    slots = sm_count * ctas_per_sm(tile, sm)
+    if units <= 0 or units >= 4 * slots:
+        return 1
+    kv_bound = problem.max_blocks * problem.block_size
+    if problem.max_seqlen_k is not None:
+        kv_bound = min(kv_bound, problem.max_seqlen_k)
+    key_tiles = -(-kv_bound // tile.bn)
+    row_bytes = problem.num_tokens * problem.num_heads * (problem.head_size + 1) * 4
+    max_splits = min(_MAX_SPLITS, key_tiles // 2, -(-4 * slots // units),
+                     _MAX_WORKSPACE_BYTES // max(row_bytes, 1))
+    if max_splits <= 1:
+        return 1
+
+    def efficiency(s):
+        return units * s / (-(-units * s // slots) * slots)
+
+    best = max(efficiency(s) for s in range(1, max_splits + 1))
+    return next(s for s in range(1, max_splits + 1) if efficiency(s) >= 0.85 * best)
+
+
+def workspace_shape(problem, num_splits):
+    """(partial_o, partial_lse) float32 shapes: (S, T*N, H) and (S, T*N)."""
+    rows = problem.num_tokens * problem.num_heads
+    return (num_splits, rows, problem.head_size), (num_splits, rows)
+
+
+# ---------------------------------------------------------------- launch
+
+
+def block_divisor(block_size):
+    """(block_size, shift, magic, magic_shift) of cuda_src/flash/paged_tiles.cuh BlockDiv:
+    shift = log2 for powers of two, else q = umulhi(n, magic) >> magic_shift for n < 2^31."""
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if block_size & (block_size - 1) == 0:
+        return block_size, block_size.bit_length() - 1, 0, 0
+    p = 31 + (block_size - 1).bit_length()
+    return block_size, -1, -(-(1 << p) // block_size), p - 32
+
+
+@dataclass(frozen=True)
+class _Plan:
+    fwd: str
+    combine: str
+    smem: int
+    grid: tuple
+    block: tuple
+    splits: int
+    scalars: tuple
+    combine_grid: tuple
+    combine_scalars: tuple
+
+
+@functools.lru_cache(maxsize=512)
+def _plan(problem, sm, sm_count, num_splits):
+    tile = problem_tile(problem, sm)
+    name = variant_name(problem, sm)
+    splits = plan_splits(problem, sm_count, sm) if num_splits is None else int(num_splits)
+    if not 1 <= splits <= 65535:
+        raise ValueError(f"num_splits must be in [1, 65535], got {num_splits}")
+    T, B, N, Nkv, H, G = (problem.num_tokens, problem.batch, problem.num_heads,
+                          problem.kv_num_heads, problem.head_size, problem.group)
+    grid_x = -(-T * G // tile.bm) + B
+    if grid_x >= 2 ** 31 or Nkv > 65535:
+        raise ValueError(f"grid ({grid_x}, {Nkv}, {splits}) exceeds CUDA's limits")
+    bs, shift, magic, magic_shift = block_divisor(problem.block_size)
+    cap = problem.softcap if problem.softcap > 0 else 0.0
+    i32 = np.int32
+    scalars = (i32(T), i32(B), i32(N), i32(Nkv), i32(H), i32(G), i32(bs), i32(shift),
+               np.uint32(magic), i32(magic_shift), i32(problem.num_blocks),
+               i32(problem.max_blocks), np.float32(problem.scale * _LOG2E),
+               np.float32(problem.scale / cap if cap else 0.0), np.float32(cap * _LOG2E),
+               i32(problem.window if problem.window > 0 else 0), i32(splits))
+    rows = T * N
+    combine = _register_combine(problem.dtype)
+    items = rows * H // 4
+    combine_grid = (max(1, min(-(-items // _COMBINE_THREADS), 16 * sm_count)), 1, 1)
+    return _Plan(name, combine, tile.smem_bytes, (grid_x, Nkv, splits), (tile.threads, 1, 1),
+                 splits, scalars, combine_grid, (i32(rows), i32(H), i32(splits)))
+
+
+_kernels: dict = {}  # (device id, name) -> cupy.RawKernel, dynamic shared memory raised
+_sm_counts: dict = {}
+
+
+def _kernel(device, name, smem):
+    fn = _kernels.get((device, name))
+    if fn is None:
+        fn = get_function(name, device=device)
+        if smem > 48 * 1024:
+            fn.max_dynamic_shared_size_bytes = smem
+        _kernels[(device, name)] = fn
+    return fn
+
+
+def _sm_count(device):
+    count = _sm_counts.get(device)
+    if count is None:
+        import cupy
+        count = cupy.cuda.Device(device).attributes["MultiProcessorCount"]
+        _sm_counts[device] = count
+    return count
+
+
+def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out, sm,
+                 num_splits=None, workspace=None):
+    """Attention of the (already rotated) q over the paged caches into out, on the current
+    CuPy stream; no device->host synchronisation. Returns out.
+
+    q, out: (T, N*H); key_cache, value_cache: (num_blocks, block_size, Nkv, H), already holding
+    the new keys; cum (B+1,), past (B,), block_table (B, max_blocks): int32. All C-contiguous,
+    16-bit (float16 / bfloat16, or their bits as uint16), 16-byte aligned. sm: compute
+    capability (e.g. 90). num_splits: None = plan_splits, 1 = no split-KV, S = force S.
+    workspace: None (allocated per call from CuPy's pool), or float32 (partial_o, partial_lse)
+    of ``workspace_shape(problem, S)`` or larger, which a CUDA graph capture must keep alive
+    (a per-call workspace goes back to the pool when the call returns).
+    """
+    if problem.num_tokens == 0 or problem.batch == 0:
+        return out
+    for arr in (q, key_cache, value_cache, out):
+        if arr.dtype.itemsize != 2 or arr.data.ptr % 16:
+            raise ValueError("flash: q, caches and out must be 16-bit arrays on 16-byte "
+                             f"aligned addresses (got {arr.dtype} at {arr.data.ptr:#x})")
+    device = q.device.id
+    plan = _plan(problem, int(sm), _sm_count(device), num_splits)
+    fwd = _kernel(device, plan.fwd, plan.smem)
+    if plan.splits > 1:
+        o_shape, lse_shape = workspace_shape(problem, plan.splits)
+        if workspace is None:
+            import cupy
+            partial_o = cupy.empty(o_shape, dtype=cupy.float32)
+            partial_lse = cupy.empty(lse_shape, dtype=cupy.float32)
+        else:
+            partial_o, partial_lse = workspace
+            if (partial_o.dtype.itemsize != 4 or partial_o.size < math.prod(o_shape)
+                    or partial_lse.size < math.prod(lse_shape)):
+                raise ValueError(f"flash: workspace must be float32 of shapes {o_shape} and "
+                                 f"{lse_shape} (see workspace_shape)")
+    else:
+        partial_o = partial_lse = out  # never dereferenced with num_splits == 1
+    fwd(plan.grid, plan.block,
+        (q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse)
+        + plan.scalars, shared_mem=plan.smem)
+    if plan.splits > 1:
+        combine = _kernel(device, plan.combine, 0)
+        combine(plan.combine_grid, (_COMBINE_THREADS, 1, 1),
+                (partial_o, partial_lse, out) + plan.combine_scalars)
+    return out

@@ -1,0 +1,53 @@
+"""The "flash" backend: prologue kernel, then our sm80+ attention kernel reading the paged
+cache in place (``cuda_src/flash/``), with split-KV for long contexts and few work units.
+
+No device->host synchronisation: grids, split counts and workspaces come from host-known
+shapes, so a call can be captured in a CUDA graph. The split-KV workspace is kept per
+(device, stream) and only grows, so a captured graph's workspace stays alive and calls on
+different streams never share one.
+"""
+from __future__ import annotations
+
+from . import _flash_kernels, _prologue
+from .base import Backend, Capabilities
+
+_workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), grow-only
+
+
+def _run(problem, adopted):
+    xp, a = adopted.xp, adopted.arrays
+    out = a["out"] if a["out"] is not None else xp.empty(
+        (problem.num_tokens, problem.num_heads * problem.head_size), dtype=a["query"].dtype)
+    if problem.num_tokens == 0:
+        return out
+    device = a["query"].device.id
+    sm = int(a["query"].device.compute_capability)
+    q = _prologue.run_prologue(problem, a)
+    splits = _flash_kernels.plan_splits(problem, _flash_kernels._sm_count(device), sm)
+    workspace = _workspace(xp, device, problem, splits) if splits > 1 else None
+    _flash_kernels.launch_flash(
+        problem, q, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
+        a["past_seqlens"], a["block_table"], out, sm, num_splits=splits, workspace=workspace)
+    return out
+
+
+def _workspace(xp, device, problem, splits):
+    """Float32 (partial_o, partial_lse) views of at least ``workspace_shape`` elements."""
+    o_shape, lse_shape = _flash_kernels.workspace_shape(problem, splits)
+    key = (device, xp.cuda.get_current_stream().ptr)
+    held = _workspaces.get(key)
+    n_o, n_lse = o_shape[0] * o_shape[1] * o_shape[2], lse_shape[0] * lse_shape[1]
+    if held is None or held[0].size < n_o or held[1].size < n_lse:
+        n_o, n_lse = max(n_o, 0 if held is None else held[0].size), max(
+            n_lse, 0 if held is None else held[1].size)
+        held = (xp.empty(n_o, dtype=xp.float32), xp.empty(n_lse, dtype=xp.float32))
+        _workspaces[key] = held
+    return held
+
+
+BACKEND = Backend(
+    name="flash",
+    capabilities=Capabilities(
+        array_kinds=frozenset({"cupy"}), dtype_min_sm={"float16": 80, "bfloat16": 80},
+        max_head_size=256),
+    run=_run)
