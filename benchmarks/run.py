@@ -59,6 +59,8 @@ def parse_args(argv=None):
                    help="seconds after which no new peer is started (rows say 'skipped')")
     p.add_argument("--no-check", action="store_true", help="skip the output-row check")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--plot", metavar="PATH", default=None,
+                   help="also draw the results as a bar chart (matplotlib) into PATH")
     p.add_argument("--list", action="store_true",
                    help="print the cases with their FLOPs and bytes; no GPU needed")
     args = p.parse_args(argv)
@@ -341,6 +343,9 @@ def run(args, case_list):
     _log(f"copy {doc['copy_gbps']:.0f} GB/s, matmul {doc['matmul_tflops']:.0f} TFLOP/s; "
          "ours/peer = ms(fastest of ours) / ms(peer)\n")
     _log(report.text_table(doc["results"]))
+    if args.plot:
+        from benchmarks import plot
+        _log(f"chart: {plot.plot(doc, args.plot)}")
     return 0
 
 

@@ -7,6 +7,7 @@ kind where that is cheap (torch). CuPy is imported only when a GPU array shows u
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 from dataclasses import dataclass, field
 
@@ -28,12 +29,39 @@ class AdoptedArrays:
     arrays: dict = field(default_factory=dict)
     origin: str | None = None
 
-    def wrap(self, result):
-        """Return ``result`` as the kind of array the caller passed (zero-copy)."""
+    def wrap(self, result, caller_out=None):
+        """Return ``result`` as the kind of array the caller passed (zero-copy); the caller's
+        own ``out`` object when one was given."""
+        if caller_out is not None:
+            return caller_out
         if self.origin == "torch":
             import torch
             return torch.from_dlpack(result)
         return result
+
+    def context(self):
+        """Where the call's GPU work runs: the arrays' device, and for torch tensors torch's
+        current stream there (so the op orders with the caller's torch work). A no-op on
+        NumPy."""
+        stack = contextlib.ExitStack()
+        if self.kind != "cupy":
+            return stack
+        device = self.arrays["query"].device
+        stack.enter_context(device)
+        if self.origin == "torch":
+            stack.enter_context(self._torch_stream(device.id))
+        return stack
+
+    def _torch_stream(self, device_id):
+        import torch
+        torch_stream = torch.cuda.current_stream(device_id)
+        from_external = getattr(self.xp.cuda.Stream, "from_external", None)
+        if from_external is not None:
+            try:
+                return from_external(torch_stream)
+            except (TypeError, ValueError, AttributeError):
+                pass
+        return self.xp.cuda.ExternalStream(torch_stream.cuda_stream, device_id)
 
 
 def adopt_arrays(named):
@@ -74,16 +102,19 @@ def _as_array(name, value):
     if cupy is not None and isinstance(value, cupy.ndarray):
         return value, "cupy", None
     origin = "torch" if type(value).__module__.split(".")[0] == "torch" else None
-    if hasattr(value, "__cuda_array_interface__"):
-        import cupy
-        return cupy.asarray(value), "cupy", origin
-    if hasattr(value, "__dlpack__") and hasattr(value, "__dlpack_device__"):
+    # DLPack first: it carries bfloat16, which __cuda_array_interface__ cannot describe (torch
+    # raises on reading it for bf16). Look attributes up on the type: never call a property.
+    kind = type(value)
+    if hasattr(kind, "__dlpack__") and hasattr(kind, "__dlpack_device__"):
         device_type = int(value.__dlpack_device__()[0])
         if device_type == _DLPACK_CPU:
             return np.from_dlpack(value), "numpy", origin
         if device_type == _DLPACK_CUDA:
             import cupy
             return cupy.from_dlpack(value), "cupy", origin
+    if hasattr(kind, "__cuda_array_interface__"):
+        import cupy
+        return cupy.asarray(value), "cupy", origin
     raise TypeError(
         f"{name}: expected a NumPy or CuPy array (or a GPU array exposing "
         f"__cuda_array_interface__ / __dlpack__), got {type(value).__name__}")

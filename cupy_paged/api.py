@@ -53,9 +53,11 @@ def paged_attention(
     sm = _device_sm(adopted) if adopted.kind == "cupy" else None
     chosen = backends.choose_backend(requested, problem, adopted.kind, sm)
 
-    if adopted.kind == "numpy" or validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1":
-        _validate.check_metadata(problem, *_metadata_on_host(adopted))
-    return adopted.wrap(chosen.run(problem, adopted))
+    with adopted.context():      # the arrays' GPU; torch tensors: torch's current stream
+        if adopted.kind == "numpy" or validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1":
+            _validate.check_metadata(problem, *_metadata_on_host(adopted))
+        result = chosen.run(problem, adopted)
+    return adopted.wrap(result, caller_out=out)
 
 
 def _device_sm(adopted):

@@ -19,6 +19,8 @@ from benchmarks import cases as C  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks import run as bench_run  # noqa: E402
 
+REPO_RESULTS = ROOT / "benchmarks" / "results"
+
 
 def brute_flops(case):
     """4*H per (query head, row, visible key), counted row by row."""
@@ -305,3 +307,11 @@ def test_committed_results_are_complete():
             assert r["status"] in ("ok", "unsupported", "failed", "skipped"), r
             assert (r["status"] == "ok") == (r.get("ms") is not None), r
             assert r["status"] == "ok" or r.get("reason"), r
+
+
+def test_plot_draws_the_committed_h100_results(tmp_path):
+    from benchmarks import plot
+
+    path = REPO_RESULTS / "nvidia-h100-80gb-hbm3.backends-quick-2026-11-25.json"
+    out = plot.plot(json.loads(path.read_text()), tmp_path / "chart.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
