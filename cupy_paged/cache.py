@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import numpy
 
+from cupy_paged import _cache_html
 from cupy_paged.rotary import _array_module, _as_int, _float_dtype
 
 
@@ -248,6 +249,11 @@ class PagedKVCache:
             f"dtype={self._dtype}, xp={self._xp.__name__}, blocks used={used} "
             f"free={len(self._free)}, sequence lengths={{{lengths}}})"
         )
+
+    def _repr_html_(self):
+        """Jupyter's view: a grid of the physical blocks coloured by owning sequence, free
+        blocks grey, with used/free/shared counts and a legend of every sequence."""
+        return _cache_html.render(self)
 
     # --- internals -------------------------------------------------------------------------
     def _check_sid(self, sid):
