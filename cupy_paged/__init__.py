@@ -6,6 +6,7 @@
 """
 from .api import paged_attention
 from .cache import CacheFullError, PagedKVCache, StepMetadata
+from ._precompile import precompile
 from .errors import CompileError, ToolchainError, UnsupportedError
 from .reference import paged_attention_reference
 from .rotary import rotary_cache
@@ -19,6 +20,7 @@ __all__ = [
     "PagedKVCache",
     "StepMetadata",
     "CacheFullError",
+    "precompile",
     "UnsupportedError",
     "ToolchainError",
     "CompileError",

@@ -1,21 +1,29 @@
-"""``python -m cupy_paged <command>``: ``bench`` runs the benchmark harness of a checkout."""
+"""``python -m cupy_paged <command>``: ``info``, ``precompile`` and ``bench``."""
 from __future__ import annotations
 
+import importlib
 import sys
 
-COMMANDS = {"bench": "run the benchmark harness (see benchmarks/NOTES.md); --help for options"}
+COMMANDS = {
+    "info": "GPU, CuPy, NVRTC/CUDA/CUTLASS versions, kernel cache, and which backends run here",
+    "precompile": "compile the kernels a model needs (or --all) before its first call",
+    "bench": "run the benchmark harness (see benchmarks/NOTES.md); --help for options",
+}
+# The module whose main(argv) runs each command, imported only when it is asked for.
+MODULES = {"info": "cupy_paged.info", "precompile": "cupy_paged._precompile",
+           "bench": "cupy_paged.bench"}
 
 
 def main(argv=None):
     """Dispatch ``argv`` (list of str; None: sys.argv[1:]) to a command; returns an exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
-        usage = "\n".join(f"  {name:8s} {what}" for name, what in COMMANDS.items())
-        print(f"usage: python -m cupy_paged <command> [options]\n\ncommands:\n{usage}",
+        usage = "\n".join(f"  {name:11s} {what}" for name, what in COMMANDS.items())
+        print(f"usage: python -m cupy_paged <command> [options]\n\ncommands:\n{usage}\n\n"
+              "python -m cupy_paged <command> --help describes a command's options.",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
-    from . import bench
-    return bench.main(argv[1:])
+    return importlib.import_module(MODULES[argv[0]]).main(argv[1:])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
 """Compile a registered kernel variant to a cubin with NVRTC, through the disk cache.
 
 This and loader.py are the only modules that touch NVRTC or CuPy, both imported lazily.
+
+Every NVRTC compile logs "compiling <name> for <arch> ..." and "compiled ... in N s" (logger
+``cupy_paged.jit``, INFO), so a first call that compiles for a minute never looks like a hang.
+When the application configured no logging at all, those two lines go to stderr through a
+handler attached to ``cupy_paged.jit`` alone (see ``show_compiles``); ``CUPY_PAGED_QUIET=1``
+turns that off.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ import json
 import logging
 import multiprocessing
 import os
+import sys
+import threading
 import time
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -22,6 +30,9 @@ from cupy_paged.jit.registry import KernelSpec, arch_number, get_spec, normalize
 from cupy_paged.jit.toolchain import Toolchain, find_toolchain
 
 logger = logging.getLogger("cupy_paged.jit")
+QUIET_ENV = "CUPY_PAGED_QUIET"
+_stderr_handler: logging.Handler | None = None  # attached by show_compiles, else None
+_stderr_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -49,10 +60,7 @@ def compile_variant(spec: str | KernelSpec, arch: str | int = "sm_80",
     if reason:
         raise ValueError(reason)
     tc = find_toolchain()
-    options = build_options(spec, arch, tc, lineinfo)
-    source = program_source(spec)
-    key = cache_key(spec, arch, tc, source, options)
-    entry = cache.Entry.of(spec.name, arch, key)
+    entry, source, options = _cache_entry(spec, arch, tc, lineinfo)
     if cache.load(entry) is None:
         with cache.locked(entry):
             if cache.load(entry) is None:  # another process may have built it while we waited
@@ -63,6 +71,27 @@ def compile_variant(spec: str | KernelSpec, arch: str | int = "sm_80",
     seconds = time.perf_counter() - start
     logger.debug("cache hit: %s for %s (%s)", spec.name, arch, entry.cubin.name)
     return CompiledVariant(spec.name, arch, entry.cubin, seconds, cached=True)
+
+
+def cached_variant(spec: str | KernelSpec, arch: str | int = "sm_80",
+                   tc: Toolchain | None = None) -> CompiledVariant | None:
+    """The cached cubin of ``spec`` for ``arch`` (same key and verified load as
+    ``compile_variant``), or None; never compiles."""
+    start = time.perf_counter()
+    spec = get_spec(spec) if isinstance(spec, str) else spec
+    arch = normalize_arch(arch)
+    entry, _, _ = _cache_entry(spec, arch, tc or find_toolchain())
+    if cache.load(entry) is None:
+        return None
+    return CompiledVariant(spec.name, arch, entry.cubin, time.perf_counter() - start, cached=True)
+
+
+def _cache_entry(spec: KernelSpec, arch: str, tc: Toolchain, lineinfo: bool = False):
+    """(cache entry, program source, NVRTC options) of one variant for one arch."""
+    options = build_options(spec, arch, tc, lineinfo)
+    source = program_source(spec)
+    return cache.Entry.of(spec.name, arch, cache_key(spec, arch, tc, source, options)), \
+        source, options
 
 
 def compile_many(items: Iterable[tuple[str | KernelSpec, str | int]],
@@ -78,12 +107,47 @@ def compile_many(items: Iterable[tuple[str | KernelSpec, str | int]],
     if jobs <= 1:
         return [compile_variant(s, a) for s, a in work]
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=quiet_worker) as pool:
         results = list(pool.map(compile_variant, *zip(*work)))
-    for r in results:  # spawned workers have no logging configured; report their compiles here
+    show_compiles()
+    for r in results:  # spawned workers are kept quiet; report their compiles here, once
         if not r.cached:
             logger.info("compiled %s for %s in %.1f s (worker)", r.name, r.arch, r.seconds)
     return results
+
+
+def show_compiles() -> None:
+    """Make the INFO compile lines visible when the application configured no logging at all.
+
+    "No logging at all": the root and ``cupy_paged`` loggers have no handlers, and
+    ``cupy_paged.jit`` has no handler or level of its own. Then one stderr handler at INFO is
+    attached to ``cupy_paged.jit`` only (nothing else in the process starts printing). Once the
+    application configures logging, or sets ``CUPY_PAGED_QUIET=1``, it is detached at the next
+    compile, so no line ever prints twice. Called before each NVRTC compile.
+    """
+    global _stderr_handler
+    with _stderr_lock:
+        ours = _stderr_handler
+        own_level = logging.INFO if ours is not None else logging.NOTSET
+        configured = (logging.root.handlers or logging.getLogger("cupy_paged").handlers
+                      or any(h is not ours for h in logger.handlers) or logger.level != own_level)
+        quiet = os.environ.get(QUIET_ENV, "") not in ("", "0")
+        if ours is None and not (configured or quiet):
+            handler = logging.StreamHandler(sys.stderr)
+            handler.setFormatter(logging.Formatter("cupy_paged: %(message)s"))
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            _stderr_handler = handler
+        elif ours is not None and (configured or quiet):
+            logger.removeHandler(ours)
+            if logger.level == logging.INFO:
+                logger.setLevel(logging.NOTSET)
+            _stderr_handler = None
+
+
+def quiet_worker() -> None:
+    """Pool initializer: a worker's compiles are reported by its parent, not on its own stderr."""
+    os.environ[QUIET_ENV] = "1"
 
 
 def program_source(spec: KernelSpec) -> str:
@@ -127,6 +191,7 @@ def _nvrtc_compile(spec: KernelSpec, arch: str, tc: Toolchain, source: str,
         raise ToolchainError(
             f"NVRTC {tc.nvrtc_version[0]}.{tc.nvrtc_version[1]} cannot build {arch} (it builds "
             f"sm_{min(supported)}..sm_{max(supported)}): install an NVRTC that supports it")
+    show_compiles()
     logger.info("compiling %s for %s ...", spec.name, arch)
     start = time.perf_counter()
     prog = nvrtc.createProgram(source, f"{spec.name}.cu", [], [])

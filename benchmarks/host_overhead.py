@@ -1,0 +1,79 @@
+"""Host time per ``paged_attention`` call (Python side, launches included), on a decode step
+small enough that the GPU finishes each call before the host issues the next.
+
+    python benchmarks/host_overhead.py [--backend flash] [--calls 2000]
+
+Prints microseconds per call with and without host-side bounds, and the top functions of a
+profile of the hinted call (what to trim next).
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import time
+
+import numpy as np
+
+
+def make_call(backend, hinted):
+    import cupy
+
+    import cupy_paged
+
+    rng = np.random.default_rng(0)
+    B, N, Nkv, H, bs, past = 8, 32, 8, 128, 16, 100
+    blocks = B * ((past + 1 + bs - 1) // bs)
+    f16 = cupy.float16
+    q = cupy.asarray(rng.standard_normal((B, N * H)), dtype=f16)
+    k = cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16)
+    v = cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16)
+    kc = cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16)
+    vc = cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16)
+    cum = cupy.arange(B + 1, dtype=cupy.int32)
+    pasts = cupy.full(B, past, dtype=cupy.int32)
+    table = cupy.asarray(rng.permutation(blocks).reshape(B, -1), dtype=cupy.int32)
+    out = cupy.empty_like(q)
+    hints = dict(max_seqlen_q=1, max_seqlen_k=past + 1, total_kv_tokens=B * (past + 1)) \
+        if hinted else {}
+
+    def call():
+        cupy_paged.paged_attention(q, k, v, kc, vc, cum, pasts, table, num_heads=N,
+                                   kv_num_heads=Nkv, backend=backend, out=out, **hints)
+    return call
+
+
+def per_call_us(call, calls):
+    import cupy
+    for _ in range(50):
+        call()
+    cupy.cuda.Device().synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    host = time.perf_counter() - start
+    cupy.cuda.Device().synchronize()
+    return host / calls * 1e6
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--backend", default="flash")
+    p.add_argument("--calls", type=int, default=2000)
+    args = p.parse_args(argv)
+    for hinted in (True, False):
+        call = make_call(args.backend, hinted)
+        us = per_call_us(call, args.calls)
+        print(f"{args.backend} decode B=8, host bounds {'given' if hinted else 'not given'}: "
+              f"{us:.1f} us per call (host side, launches included)")
+    call = make_call(args.backend, True)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(500):
+        call()
+    prof.disable()
+    pstats.Stats(prof).sort_stats("tottime").print_stats(12)
+
+
+if __name__ == "__main__":
+    main()
