@@ -29,6 +29,13 @@ class AdoptedArrays:
     arrays: dict = field(default_factory=dict)
     origin: str | None = None
 
+    @property
+    def sm(self):
+        """Compute capability of the arrays' GPU as an int (e.g. 90); None on NumPy."""
+        if self.kind != "cupy":
+            return None
+        return int(self.arrays["query"].device.compute_capability)
+
     def wrap(self, result, caller_out=None):
         """Return ``result`` as the kind of array the caller passed (zero-copy); the caller's
         own ``out`` object when one was given."""

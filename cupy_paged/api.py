@@ -50,19 +50,19 @@ def paged_attention(
         rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens)
 
-    sm = _device_sm(adopted) if adopted.kind == "cupy" else None
-    chosen = backends.choose_backend(requested, problem, adopted.kind, sm)
+    chosen = backends.choose_backend(requested, problem, adopted.kind, adopted.sm)
 
     with adopted.context():      # the arrays' GPU; torch tensors: torch's current stream
         if adopted.kind == "numpy" or validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1":
             _validate.check_metadata(problem, *_metadata_on_host(adopted))
-        result = chosen.run(problem, adopted)
+        result = adopted.arrays["out"]
+        if result is None:
+            result = adopted.xp.empty(
+                (problem.num_tokens, problem.num_heads * problem.head_size),
+                dtype=adopted.arrays["query"].dtype)
+        if problem.num_tokens:             # T = 0: nothing to write, caches untouched
+            chosen.run(problem, adopted, result)
     return adopted.wrap(result, caller_out=out)
-
-
-def _device_sm(adopted):
-    """Compute capability of the GPU holding the arrays, e.g. 90."""
-    return int(adopted.arrays["query"].device.compute_capability)
 
 
 def _metadata_on_host(adopted):

@@ -49,10 +49,10 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class Backend:
-    """A named backend: its capabilities and ``run(problem, arrays) -> output array``.
+    """A named backend: its capabilities and ``run(problem, adopted, out)``.
 
-    arrays: the call's ``AdoptedArrays``; run writes the caches in place and returns the
-    (T, N*H) output (into ``arrays.arrays["out"]`` when given).
+    adopted: the call's ``AdoptedArrays``; out: the (T, N*H) output array (T > 0) that run
+    fills, writing the new K/V into the caches in place.
     """
 
     name: str

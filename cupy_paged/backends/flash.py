@@ -14,21 +14,15 @@ from .base import Backend, Capabilities
 _workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), grow-only
 
 
-def _run(problem, adopted):
-    xp, a = adopted.xp, adopted.arrays
-    out = a["out"] if a["out"] is not None else xp.empty(
-        (problem.num_tokens, problem.num_heads * problem.head_size), dtype=a["query"].dtype)
-    if problem.num_tokens == 0:
-        return out
+def _run(problem, adopted, out):
+    xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
     device = a["query"].device.id
-    sm = int(a["query"].device.compute_capability)
     q = _prologue.run_prologue(problem, a)
     splits = _flash_kernels.plan_splits(problem, _flash_kernels._sm_count(device), sm)
     workspace = _workspace(xp, device, problem, splits) if splits > 1 else None
     _flash_kernels.launch_flash(
         problem, q, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
         a["past_seqlens"], a["block_table"], out, sm, num_splits=splits, workspace=workspace)
-    return out
 
 
 def _workspace(xp, device, problem, splits):

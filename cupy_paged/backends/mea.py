@@ -16,13 +16,8 @@ from . import _gather, _mea_kernels, _prologue
 from .base import Backend, Capabilities
 
 
-def _run(problem, adopted):
-    xp, a = adopted.xp, adopted.arrays
-    out = a["out"] if a["out"] is not None else xp.empty(
-        (problem.num_tokens, problem.num_heads * problem.head_size), dtype=a["query"].dtype)
-    if problem.num_tokens == 0:
-        return out
-    sm = int(a["query"].device.compute_capability)
+def _run(problem, adopted, out):
+    xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
     q = _prologue.run_prologue(problem, a)
     seqstart_k = _gather.kv_seqstarts(problem, a["cumulative_sequence_length"],
                                       a["past_seqlens"])
@@ -39,7 +34,6 @@ def _run(problem, adopted):
         problem, q, problem.num_heads * problem.head_size, k_packed, v_packed, out, out_accum,
         a["cumulative_sequence_length"], seqstart_k, a["block_table"],
         max_seqlen_q, sm)
-    return out
 
 
 def _scratch_bounds(problem, xp, seqstart_k, cum):

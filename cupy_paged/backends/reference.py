@@ -12,7 +12,7 @@ from ..reference import paged_attention_reference
 from .base import Backend, Capabilities
 
 
-def _run(problem, adopted):
+def _run(problem, adopted, out):
     a = adopted.arrays
     host = {name: (None if x is None else _to_host(x)) for name, x in a.items()}
     compute = np.float64 if problem.dtype == "float64" else np.float32
@@ -27,11 +27,7 @@ def _run(problem, adopted):
     if adopted.kind == "cupy":
         a["key_cache"].set(host["key_cache"])
         a["value_cache"].set(host["value_cache"])
-    out = a.get("out")
-    if out is None:
-        return adopted.xp.asarray(result)
     out[...] = adopted.xp.asarray(result)
-    return out
 
 
 def _to_host(x):
