@@ -48,15 +48,41 @@ class Problem:
         return self.num_heads // self.kv_num_heads
 
 
-def check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window_size,
-                    do_rotary, rotary_interleaved, max_seqlen_q=None, max_seqlen_k=None,
-                    total_kv_tokens=None):
+# Problems of argument signatures that passed the static checks. The checks read only the
+# arrays' kind, shape, strides and dtype and the scalars (with their types, so True never
+# stands in for 1), so an equal signature passes them again: a decode loop pays for them once.
+_PASSED: dict = {}
+_PASSED_MAX = 1024
+
+
+def check_arguments(a, **attributes):
     """Static checks of every argument; returns the call's ``Problem``.
 
     a: mapping of argument name -> NumPy/CuPy array or None (query, key, value, key_cache,
     value_cache, cumulative_sequence_length, past_seqlens, block_table, cos_cache, sin_cache,
-    out).
+    out). attributes: num_heads, kv_num_heads, scale, softcap, local_window_size, do_rotary,
+    rotary_interleaved and the optional max_seqlen_q, max_seqlen_k, total_kv_tokens.
+    A signature that passed before returns its cached ``Problem``.
     """
+    try:
+        key = (tuple((name, None) if x is None else (name, type(x), x.shape, x.strides, x.dtype)
+                     for name, x in a.items()),
+               tuple((name, type(v), v) for name, v in sorted(attributes.items())))
+        problem = _PASSED.get(key)
+    except (TypeError, AttributeError):    # unhashable or not an array: the checks say why
+        key = problem = None
+    if problem is None:
+        problem = _check_arguments(a, **attributes)
+        if key is not None:
+            if len(_PASSED) >= _PASSED_MAX:
+                _PASSED.clear()
+            _PASSED[key] = problem
+    return problem
+
+
+def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window_size,
+                     do_rotary, rotary_interleaved, max_seqlen_q=None, max_seqlen_k=None,
+                     total_kv_tokens=None):
     num_heads = _positive_int("num_heads", num_heads)
     kv_num_heads = _positive_int("kv_num_heads", kv_num_heads)
     if num_heads % kv_num_heads:
