@@ -20,6 +20,7 @@ import pytest
 
 from cupy_paged._validate import Problem
 from cupy_paged.backends import _flash_kernels as fk
+from cupy_paged.backends._launch import sm_count
 from cupy_paged.reference import paged_attention_reference
 
 try:
@@ -556,7 +557,7 @@ def _bench_case(B, q_len, ctx, N=32, Nkv=8, H=128, bs=16, dtype="float16", split
         name = fk.variant_name(problem, sm)
         ms = _time_ms(lambda: fk.launch_flash(problem, q, kc, vc, cum, past, table, out, sm,
                                               num_splits=splits))
-        used = fk._plan(problem, sm, fk._sm_count(q.device.id), splits).splits
+        used = fk._plan(problem, sm, sm_count(q.device.id), splits).splits
     assert np.isfinite(_from_low(cupy.asnumpy(out), dtype)).all()
     pairs = B * sum(min(ctx, ctx - q_len + j + 1) for j in range(q_len))
     flops = 4 * pairs * N * H

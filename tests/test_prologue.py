@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from cupy_paged import _validate
-from cupy_paged.backends import _prologue
+from cupy_paged.backends import _launch, _prologue
 from cupy_paged.errors import ToolchainError
 from cupy_paged.jit import compile_many, compile_variant
 from cupy_paged.reference import apply_rotary, paged_attention_reference, token_positions
@@ -97,7 +97,7 @@ def skip_unless_sm(dtype):
     import cupy
 
     sm = int(cupy.cuda.Device().compute_capability)
-    need = _prologue.DTYPES[dtype][2]
+    need = _launch.DTYPES[dtype][2]
     if sm < need:
         pytest.skip(f"{dtype} kernels need sm{need}, this GPU is sm{sm}")
 

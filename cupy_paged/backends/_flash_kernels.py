@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..jit import KernelSpec, get_function, register
+from ._launch import sm_count
 
 # Instantiated (padded) head sizes; H % 8 == 0 pads up to the next one (32, 40 -> 64).
 HEAD_SIZES = (64, 80, 96, 128, 160, 192, 256)
@@ -295,7 +296,6 @@ def _plan(problem, sm, sm_count, num_splits):
 
 
 _kernels: dict = {}  # (device id, name) -> cupy.RawKernel, dynamic shared memory raised
-_sm_counts: dict = {}
 
 
 def _kernel(device, name, smem):
@@ -306,15 +306,6 @@ def _kernel(device, name, smem):
             fn.max_dynamic_shared_size_bytes = smem
         _kernels[(device, name)] = fn
     return fn
-
-
-def _sm_count(device):
-    count = _sm_counts.get(device)
-    if count is None:
-        import cupy
-        count = cupy.cuda.Device(device).attributes["MultiProcessorCount"]
-        _sm_counts[device] = count
-    return count
 
 
 def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out, sm,
@@ -337,7 +328,7 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
             raise ValueError("flash: q, caches and out must be 16-bit arrays on 16-byte "
                              f"aligned addresses (got {arr.dtype} at {arr.data.ptr:#x})")
     device = q.device.id
-    plan = _plan(problem, int(sm), _sm_count(device), num_splits)
+    plan = _plan(problem, int(sm), sm_count(device), num_splits)
     fwd = _kernel(device, plan.fwd, plan.smem)
     if plan.splits > 1:
         o_shape, lse_shape = workspace_shape(problem, plan.splits)

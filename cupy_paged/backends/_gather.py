@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..jit import KernelSpec, get_function, register
-from ._prologue import DTYPES, THREADS, check_aligned, entry_point, grid_size
+from ..jit import get_function
+from ._launch import THREADS, check_aligned, grid_size, register_per_dtype, variant
 
 _GATHER_ARGS = (
     "const {T}* key_cache, const {T}* value_cache, const int* block_table, "
@@ -22,16 +22,11 @@ _INT32_MAX = 2**31 - 1
 
 def gather_name(dtype):
     """The variant for ``dtype`` ("float16" or "bfloat16"): gather_kv_f16 / gather_kv_bf16."""
-    return f"gather_kv_{DTYPES[dtype][0]}"
+    return variant("gather_kv", dtype)
 
 
-SPECS = tuple(
-    register(KernelSpec(
-        f"gather_kv_{suffix}", "mea/gather.cu",
-        entry_point(f"gather_kv_{suffix}", ctype, _GATHER_ARGS,
-                    f"cupy_paged::mea::gather_kv<{ctype}>({_GATHER_CALL});"),
-        min_arch=min_sm))
-    for suffix, ctype, min_sm in DTYPES.values())
+SPECS = register_per_dtype("gather_kv", "mea/gather.cu", _GATHER_ARGS,
+                           f"cupy_paged::mea::gather_kv<{{T}}>({_GATHER_CALL});")
 
 
 def kv_seqstarts(problem, cum, past):

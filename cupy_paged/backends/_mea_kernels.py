@@ -140,17 +140,16 @@ def _register(dtype: str, tag: int, queries: int, keys: int, max_k: int) -> str:
 def _kernel(device_id: int, name: str):
     """(RawKernel, dynamic smem bytes, threads per block) of ``name`` on ``device_id``.
 
-    Loaded with RawModule(path=...) like jit.get_function (CuPy's own CCCL must stay off the
-    include path); the launch facts come from the module's ``<name>_launch_info`` global.
+    Loaded through ``jit.get_module``; the launch facts come from the module's
+    ``<name>_launch_info`` global.
     """
     import cupy
 
-    from cupy_paged.jit import compile_variant
+    from cupy_paged.jit import get_module
 
     device = cupy.cuda.Device(device_id)
+    module = get_module(name, device_id)
     with device:
-        path = compile_variant(name, f"sm_{device.compute_capability}").path
-        module = cupy.RawModule(path=str(path))
         kernel = module.get_function(name)
         info = module.get_global(f"{name}_launch_info")
         smem, threads = (int(v) for v in cupy.ndarray((2,), cupy.int32, info).get())

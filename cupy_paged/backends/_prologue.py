@@ -6,19 +6,10 @@ interleaved are runtime flags (uniform branches). CuPy is imported on first laun
 """
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
-from ..jit import KernelSpec, get_function, register
-
-THREADS = 256
-# Resident 256-thread blocks per SM at full occupancy (2048 threads/SM on sm70..sm90): the
-# grid-stride loops need no more blocks than one full wave.
-BLOCKS_PER_SM = 8
-
-# dtype -> (name suffix, C++ type, lowest SM)
-DTYPES = {"float16": ("f16", "__half", 50), "bfloat16": ("bf16", "__nv_bfloat16", 80)}
+from ..jit import get_function
+from ._launch import THREADS, check_aligned, grid_size, register_per_dtype, variant
 
 _PROLOGUE_ARGS = (
     "const {T}* query, const {T}* key, const {T}* value, {T}* key_cache, {T}* value_cache, "
@@ -34,24 +25,13 @@ _PROLOGUE_CALL = (
     "interleaved, write_q")
 
 
-def entry_point(name, ctype, args, body):
-    """``extern "C" __global__ void name(args) { body }`` with THREADS as its launch bound."""
-    return (f'extern "C" __global__ void __launch_bounds__({THREADS})\n'
-            f"{name}({args.format(T=ctype)}) {{\n  {body}\n}}\n")
-
-
 def prologue_name(dtype):
     """The variant for ``dtype`` ("float16" or "bfloat16"): prologue_f16 / prologue_bf16."""
-    return f"prologue_{DTYPES[dtype][0]}"
+    return variant("prologue", dtype)
 
 
-SPECS = tuple(
-    register(KernelSpec(
-        f"prologue_{suffix}", "prologue/prologue.cu",
-        entry_point(f"prologue_{suffix}", ctype, _PROLOGUE_ARGS,
-                    f"cupy_paged::prologue::run<{ctype}>({_PROLOGUE_CALL});"),
-        min_arch=min_sm))
-    for suffix, ctype, min_sm in DTYPES.values())
+SPECS = register_per_dtype("prologue", "prologue/prologue.cu", _PROLOGUE_ARGS,
+                           f"cupy_paged::prologue::run<{{T}}>({_PROLOGUE_CALL});")
 
 
 def run_prologue(problem, a):
@@ -88,27 +68,3 @@ def run_prologue(problem, a):
         np.int32(problem.cos_rows if problem.do_rotary else 0), np.int32(problem.packed),
         np.int32(problem.do_rotary), np.int32(problem.rotary_interleaved), np.int32(write_q)))
     return q
-
-
-def grid_size(items):
-    """Blocks for ``items`` grid-stride work items: enough for them, at most one full wave."""
-    import cupy
-
-    return max(1, min(-(-items // THREADS), BLOCKS_PER_SM * _sm_count(cupy.cuda.Device().id)))
-
-
-@functools.cache
-def _sm_count(device_id):
-    import cupy
-
-    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
-
-
-def check_aligned(**arrays):
-    """ValueError naming the first array whose data is not 16-byte aligned (the kernels move
-    16-byte vectors). Fresh CuPy allocations are 256-byte aligned; only odd views fail."""
-    for name, x in arrays.items():
-        if x.data.ptr % 16:
-            raise ValueError(
-                f"{name}: the GPU kernels need 16-byte aligned data, got address "
-                f"{x.data.ptr:#x} (a view at an odd element offset?); pass a fresh array")

@@ -9,6 +9,7 @@ different streams never share one.
 from __future__ import annotations
 
 from . import _flash_kernels, _prologue
+from ._launch import sm_count
 from .base import Backend, Capabilities
 
 _workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), grow-only
@@ -18,7 +19,7 @@ def _run(problem, adopted, out):
     xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
     device = a["query"].device.id
     q = _prologue.run_prologue(problem, a)
-    splits = _flash_kernels.plan_splits(problem, _flash_kernels._sm_count(device), sm)
+    splits = _flash_kernels.plan_splits(problem, sm_count(device), sm)
     workspace = _workspace(xp, device, problem, splits) if splits > 1 else None
     _flash_kernels.launch_flash(
         problem, q, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],

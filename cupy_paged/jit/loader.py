@@ -10,8 +10,8 @@ _modules: dict = {}  # (device id, name, arch) -> cupy.RawModule
 _lock = threading.Lock()
 
 
-def get_function(name: str, entry: str | None = None, device: int | None = None):
-    """The ``cupy.RawKernel`` ``entry`` (default: ``name``) of variant ``name`` on ``device``.
+def get_module(name: str, device: int | None = None):
+    """The ``cupy.RawModule`` of variant ``name`` on ``device`` (default: the current one).
 
     Compiles (or reuses the cached cubin) for the device's own arch. The cubin is loaded with
     ``cupy.RawModule(path=...)``, never ``code=``: CuPy would put its bundled CCCL on the include
@@ -29,5 +29,13 @@ def get_function(name: str, entry: str | None = None, device: int | None = None)
             with dev:
                 module = cupy.RawModule(path=str(path))
             _modules[key] = module
-    with dev:
+    return module
+
+
+def get_function(name: str, entry: str | None = None, device: int | None = None):
+    """The ``cupy.RawKernel`` ``entry`` (default: ``name``) of variant ``name`` on ``device``."""
+    import cupy
+
+    module = get_module(name, device)
+    with cupy.cuda.Device(device):
         return module.get_function(entry or name)

@@ -1,0 +1,64 @@
+"""Launch helpers shared by the grid-stride kernels (prologue, gather) and the flash launcher:
+the per-dtype variant table, generated entry points, grid sizing, SM counts, alignment checks.
+CuPy is imported on first use only.
+"""
+from __future__ import annotations
+
+import functools
+
+from ..jit import KernelSpec, register
+
+THREADS = 256
+# Resident 256-thread blocks per SM at full occupancy (2048 threads/SM on sm70..sm90): the
+# grid-stride loops need no more blocks than one full wave.
+BLOCKS_PER_SM = 8
+
+# dtype -> (name suffix, C++ type, lowest SM)
+DTYPES = {"float16": ("f16", "__half", 50), "bfloat16": ("bf16", "__nv_bfloat16", 80)}
+
+
+def entry_point(name, ctype, args, body):
+    """``extern "C" __global__ void name(args) { body }`` with THREADS as its launch bound."""
+    return (f'extern "C" __global__ void __launch_bounds__({THREADS})\n'
+            f"{name}({args.format(T=ctype)}) {{\n  {body}\n}}\n")
+
+
+def register_per_dtype(prefix, source, args, call):
+    """Register ``<prefix>_f16`` / ``<prefix>_bf16`` from ``source``: entries calling
+    ``call.format(T=ctype)`` with ``args`` (a ``{T}``-templated parameter list)."""
+    return tuple(
+        register(KernelSpec(f"{prefix}_{suffix}", source,
+                            entry_point(f"{prefix}_{suffix}", ctype, args,
+                                        call.format(T=ctype)),
+                            min_arch=min_sm))
+        for suffix, ctype, min_sm in DTYPES.values())
+
+
+def variant(prefix, dtype):
+    """The registered name of ``prefix`` for ``dtype`` ("float16" or "bfloat16")."""
+    return f"{prefix}_{DTYPES[dtype][0]}"
+
+
+def grid_size(items):
+    """Blocks for ``items`` grid-stride work items: enough for them, at most one full wave."""
+    import cupy
+
+    return max(1, min(-(-items // THREADS), BLOCKS_PER_SM * sm_count(cupy.cuda.Device().id)))
+
+
+@functools.cache
+def sm_count(device_id):
+    """Multiprocessors of GPU ``device_id``."""
+    import cupy
+
+    return cupy.cuda.Device(device_id).attributes["MultiProcessorCount"]
+
+
+def check_aligned(**arrays):
+    """ValueError naming the first array whose data is not 16-byte aligned (the kernels move
+    16-byte vectors). Fresh CuPy allocations are 256-byte aligned; only odd views fail."""
+    for name, x in arrays.items():
+        if x.data.ptr % 16:
+            raise ValueError(
+                f"{name}: the GPU kernels need 16-byte aligned data, got address "
+                f"{x.data.ptr:#x} (a view at an odd element offset?); pass a fresh array")
