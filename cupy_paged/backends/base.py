@@ -49,10 +49,12 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class Backend:
-    """A named backend: its capabilities and ``run(problem, adopted, out)``.
+    """A named backend: its capabilities and ``run(problem, adopted, out, fault=None)``.
 
     adopted: the call's ``AdoptedArrays``; out: the (T, N*H) output array (T > 0) that run
-    fills, writing the new K/V into the caches in place.
+    fills, writing the new K/V into the caches in place. fault: None, or the int32 (B+1,)
+    per-sequence fault flags of the metadata guard (GPU backends): a sequence whose flag is
+    set, or every sequence when fault[B] is set, is neither written nor attended.
     """
 
     name: str

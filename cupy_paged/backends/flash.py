@@ -15,7 +15,7 @@ from .base import Backend, Capabilities
 _workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), grow-only
 
 
-def _run(problem, adopted, out):
+def _run(problem, adopted, out, fault=None):
     xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
     device = a["query"].device.id
     q = _prologue.run_prologue(problem, a)

@@ -16,7 +16,7 @@ from . import _gather, _mea_kernels, _prologue
 from .base import Backend, Capabilities
 
 
-def _run(problem, adopted, out):
+def _run(problem, adopted, out, fault=None):
     xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
     q = _prologue.run_prologue(problem, a)
     seqstart_k = _gather.kv_seqstarts(problem, a["cumulative_sequence_length"],

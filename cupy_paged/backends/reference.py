@@ -12,7 +12,7 @@ from ..reference import paged_attention_reference
 from .base import Backend, Capabilities
 
 
-def _run(problem, adopted, out):
+def _run(problem, adopted, out, fault=None):
     a = adopted.arrays
     host = {name: (None if x is None else _to_host(x)) for name, x in a.items()}
     compute = np.float64 if problem.dtype == "float64" else np.float32

@@ -31,6 +31,7 @@ from cupy_paged.jit.toolchain import Toolchain, find_toolchain
 
 logger = logging.getLogger("cupy_paged.jit")
 QUIET_ENV = "CUPY_PAGED_QUIET"
+LINEINFO_ENV = "CUPY_PAGED_LINEINFO"  # "1": compile with -lineinfo (source view in Nsight Compute)
 _stderr_handler: logging.Handler | None = None  # attached by show_compiles, else None
 _stderr_lock = threading.Lock()
 
@@ -162,7 +163,7 @@ def build_options(spec: KernelSpec, arch: str, tc: Toolchain, lineinfo: bool = F
     options += [f"-I{d}" for d in tc.include_dirs(cutlass=spec.cutlass)]
     options += [f"-D{k}={v}" for k, v in spec.defines]
     options += list(spec.options)
-    if lineinfo:
+    if lineinfo or os.environ.get(LINEINFO_ENV, "") not in ("", "0"):
         options.append("-lineinfo")
     return options
 
