@@ -56,6 +56,26 @@ def per_call_us(call, calls):
     return host / calls * 1e6
 
 
+def launch_cost(calls=5000):
+    """Host microseconds of one CuPy RawKernel launch with 1, 10 and 27 arguments (pointers
+    first, then int32 scalars): the floor under each of our launches."""
+    import cupy
+
+    for n in (1, 10, 27):
+        params = ", ".join(f"int* p{i}" if i < 9 else f"int s{i}" for i in range(n))
+        kernel = cupy.RawKernel(f'extern "C" __global__ void k({params}) {{}}', "k")
+        buf = cupy.zeros(1, dtype=cupy.int32)
+        args = tuple(buf if i < 9 else np.int32(i) for i in range(n))
+        kernel((1,), (32,), args)
+        cupy.cuda.Device().synchronize()
+        start = time.perf_counter()
+        for _ in range(calls):
+            kernel((1,), (32,), args)
+        us = (time.perf_counter() - start) / calls * 1e6
+        cupy.cuda.Device().synchronize()
+        print(f"RawKernel launch, {n} arguments: {us:.1f} us")
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", default="flash")
@@ -66,6 +86,7 @@ def main(argv=None):
         us = per_call_us(call, args.calls)
         print(f"{args.backend} decode B=8, host bounds {'given' if hinted else 'not given'}: "
               f"{us:.1f} us per call (host side, launches included)")
+    launch_cost()
     call = make_call(args.backend, True)
     prof = cProfile.Profile()
     prof.enable()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from cupy_paged.backends import _flash_kernels, _gather, _mea_kernels, _prologue
+from cupy_paged.backends import _flash_kernels, _gather, _guard, _mea_kernels, _prologue
 from cupy_paged.jit import find_toolchain
 from cupy_paged._precompile import Skipped, main, needed_variants, precompile
 
@@ -69,10 +69,10 @@ def test_model_needs_prologue_gather_mea_both_flash_tiles_and_combine():
     names, skipped = needed_variants(["float16"], [128], 32, 8, archs=["sm_80"])
     assert skipped == []
     assert {n for n, _ in names} == {
-        _prologue.prologue_name("float16"), _gather.gather_name("float16"),
+        _guard.NAME, _prologue.prologue_name("float16"), _gather.gather_name("float16"),
         _mea_kernels.variant_name("float16", 80, 128),
         "flash_fwd_f16_h128_m64_n64_w4_s2_sm80",     # decode and short chunks
-        "flash_fwd_f16_h128_m128_n32_w4_s2_sm80",    # prefill
+        "flash_fwd_f16_h128_m128_n64_w4_s2_sm80",    # prefill
         _flash_kernels.combine_name("float16")}
     assert {a for _, a in names} == {"sm_80"}
 
@@ -83,7 +83,8 @@ def test_flash_tiles_follow_the_group_size_and_the_arch_class():
         return sorted(n for n, _ in names if n.startswith("flash_fwd"))
 
     # G = 128 rows per decode token: the short-row tile can never be picked
-    assert flash(128, 128, 1, "sm_80") == ["flash_fwd_bf16_h128_m128_n32_w4_s2_sm80"]
+    assert flash(128, 128, 1, "sm_80") == ["flash_fwd_bf16_h128_m128_n64_w4_s2_sm80"]
+    assert flash(128, 128, 1, "sm_86") == ["flash_fwd_bf16_h128_m128_n32_w4_s2_sm86"]
     assert flash(256, 32, 8, "sm_90") == ["flash_fwd_bf16_h256_m64_n32_w4_s2_sm80"]
     assert flash(40, 8, 8, "sm_89") == ["flash_fwd_bf16_h64_m128_n64_w4_s2_sm86",
                                         "flash_fwd_bf16_h64_m64_n64_w4_s2_sm86"]
@@ -94,7 +95,7 @@ def test_all_is_every_kernel_the_backends_can_launch_on_the_arch():
     got = {n for n, _ in names}
     tag = _mea_kernels.arch_tag(86)
     mea = {n for n in _mea_kernels.all_variant_names() if f"_sm{tag}_" in n}
-    assert got == (set(_flash_kernels.all_variant_names("sm86")) | mea
+    assert got == (set(_flash_kernels.all_variant_names("sm86")) | mea | {_guard.NAME}
                    | {f(d) for f in (_prologue.prologue_name, _gather.gather_name)
                       for d in ("float16", "bfloat16")})
     assert skipped == []

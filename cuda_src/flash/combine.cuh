@@ -9,11 +9,15 @@ namespace flash {
 
 // partial_o: (num_splits, rows, H) fp32, each split's normalised output; partial_lse:
 // (num_splits, rows), log2 of each split's sum of 2^score (-inf: the split saw no key);
-// out: (rows, H) = (T, N*H). One thread per 4 channels of a row, grid-stride.
+// out: (rows, H) = (T, N*H). One thread per 4 channels of a row, grid-stride. fault: null, or
+// the metadata guard's flags: fault[batch] != 0 leaves out alone (the guard wrote NaN rows);
+// a row of a faulted sequence has NaN partial sums (written by the forward kernel) and gets NaN.
 template <typename T>
 __device__ __forceinline__ void combine(const float* __restrict__ partial_o,
                                         const float* __restrict__ partial_lse, T* __restrict__ out,
-                                        int rows, int head_size, int num_splits) {
+                                        int rows, int head_size, int num_splits,
+                                        const int* __restrict__ fault, int batch) {
+  if (fault != nullptr && fault[batch] != 0) return;
   const int quads = head_size / 4;
   const long long items = static_cast<long long>(rows) * quads;
   for (long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; i < items;
@@ -21,8 +25,12 @@ __device__ __forceinline__ void combine(const float* __restrict__ partial_o,
     const long long row = i / quads;
     const int c = static_cast<int>(i - row * quads) * 4;
     float mx = neg_inf();
-    for (int s = 0; s < num_splits; ++s)
-      mx = fmaxf(mx, partial_lse[s * static_cast<long long>(rows) + row]);
+    bool poisoned = false;
+    for (int s = 0; s < num_splits; ++s) {
+      const float lse = partial_lse[s * static_cast<long long>(rows) + row];
+      poisoned |= isnan(lse);
+      mx = fmaxf(mx, lse);
+    }
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float wsum = 0.0f;
     if (mx != neg_inf()) {
@@ -37,7 +45,8 @@ __device__ __forceinline__ void combine(const float* __restrict__ partial_o,
         acc[3] += w * v.w;
       }
     }
-    const float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+    float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+    if (poisoned) inv = __int_as_float(0x7fc00000);  // NaN
     uint2 packed;
     packed.x = pack2<T>(acc[0] * inv, acc[1] * inv);
     packed.y = pack2<T>(acc[2] * inv, acc[3] * inv);

@@ -27,6 +27,7 @@ struct FwdParams {
   float cap_in, cap_out;    // scale / c and c * log2(e); cap_in = 0: softcap off
   int window;               // <= 0: off
   int num_splits;
+  const int* fault;         // null, or the metadata guard's (B+1,) flags (backends/_guard.py)
 };
 
 // Sequence b owns grid tiles [first_tile(b), first_tile(b + 1)), first_tile(b) = ceil(cum[b] G /
@@ -49,6 +50,20 @@ __device__ __forceinline__ int sequence_of_tile(const int* cum, int batch, int g
   return lo;
 }
 
+// A faulted sequence's split CTA: NaN partial sums for its rows, so the combine writes NaN rows
+// (the guard has already written NaN there; the combine would otherwise overwrite them).
+// Not inlined: kept out of the main kernel's register allocation.
+template <int BM, int THREADS>
+__device__ __noinline__ void poison_partials(float* partial_lse, long long first_row,
+                                             int num_heads, int group, int head0, int row0,
+                                             int rows, int tid) {
+  for (int r = tid; r < BM && row0 + r < rows; r += THREADS) {
+    const int row = row0 + r, j = row / group;
+    partial_lse[(first_row + j) * num_heads + head0 + (row - j * group)] =
+        __int_as_float(0x7fc00000);
+  }
+}
+
 template <class Tr>
 __device__ __forceinline__ void fwd(const FwdParams& p) {
   using T = typename Tr::T;
@@ -60,6 +75,8 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int kvh = blockIdx.y, split = blockIdx.z, G = p.group, H = p.head_size;
 
+  // The guard found cum unusable: nothing maps rows to sequences; it wrote every row NaN.
+  if (p.fault != nullptr && p.fault[p.batch] != 0) return;
   // Heavy tiles (last rows of long sequences see the most keys) are launched first.
   const long long tile = static_cast<long long>(gridDim.x) - 1 - blockIdx.x;
   const int b = sequence_of_tile<Tr::BM>(p.cum, p.batch, G, tile);
@@ -69,6 +86,13 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   const long long m_block = tile - first_tile<Tr::BM>(p.cum, b, G);
   if (m_block < 0 || m_block * Tr::BM >= rows) return;  // CTA-uniform, before any barrier
   const int row0 = static_cast<int>(m_block) * Tr::BM;
+  if (p.fault != nullptr && p.fault[b] != 0) {  // faulted sequence: its rows stay NaN
+    if (p.num_splits > 1)
+      poison_partials<Tr::BM, Tr::THREADS>(
+          p.partial_lse, static_cast<long long>(split) * p.num_tokens + q_begin, p.num_heads, G,
+          kvh * G, row0, rows, tid);
+    return;
+  }
   const int past = p.past[b];
   const int p_first = past + row0 / G;                            // position of the first row
   const int p_last = past + (min(row0 + Tr::BM, rows) - 1) / G;   // ... and of the last
@@ -84,29 +108,53 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   const int my_hi = t_lo + min((split + 1) * per_split, n_tiles);
 
   PagedSeq<T> seq;
-  seq.key_cache = static_cast<const T*>(p.key_cache);
-  seq.value_cache = static_cast<const T*>(p.value_cache);
+  seq.key_cache = static_cast<const T*>(p.key_cache) + static_cast<long long>(kvh) * H;
+  seq.value_cache = static_cast<const T*>(p.value_cache) + static_cast<long long>(kvh) * H;
   seq.table_row = p.block_table + static_cast<long long>(b) * p.max_blocks;
-  seq.token_stride = static_cast<long long>(p.kv_heads) * H;
-  seq.head_offset = static_cast<long long>(kvh) * H;
+  seq.token_stride = p.kv_heads * H;
   seq.kv_len = past + q_len;
   seq.max_blocks = p.max_blocks;
   seq.num_blocks = p.num_blocks;
   seq.blocks = p.blocks;
 
+  // Key-row offsets: the tile bound for stage st keeps row r's offset in the 16-byte pad of
+  // its V row r (the copies and ldmatrix touch only the first HEAD channels of a row).
+  // Iteration kt issues the copies of tile kt + STAGES - 1 from its offsets and looks up tile
+  // kt + STAGES, bound for the stage being computed, into that stage's pads.
+  auto slot = [&](int st) {
+    return PadColumn{reinterpret_cast<unsigned char*>(sV + st * Tr::KV_ELEMS + Tr::HEAD),
+                     Tr::ROW * 2};
+  };
+
   // Prologue: Q and the first STAGES - 1 K/V tiles, one commit group per tile (Q rides in the
-  // first). hole_bits bit s: this thread saw an unloadable key in the tile of stage s.
+  // first), each after its offsets are in shared memory; then tile my_lo + STAGES - 1's
+  // offsets. hole_bits bit s: this thread saw an unloadable key in the tile of stage s.
   load_q_tile<Tr>(sQ, static_cast<const T*>(p.q), q_begin, row0, rows, G, kvh * G,
                   p.num_heads, H, tid);
   unsigned hole_bits = 0;
 #pragma unroll
   for (int s = 0; s < Tr::STAGES - 1; ++s) {
-    if (my_lo + s < my_hi) {
-      const bool h = load_kv_tile<Tr>(sK + s * Tr::KV_ELEMS, sV + s * Tr::KV_ELEMS, seq,
-                                      (my_lo + s) * Tr::BN, H, tid);
+    const int t = my_lo + s;
+    if (t < my_hi) {
+      KeyRowOffsets<Tr> offsets;
+      offsets.look_up(seq, t * Tr::BN, tid);
+      offsets.store(slot(s), tid);
+    }
+    __syncthreads();
+    if (t < my_hi) {
+      const bool h = load_kv_tile<Tr>(sK + s * Tr::KV_ELEMS, sV + s * Tr::KV_ELEMS, slot(s),
+                                      seq, H, tid);
       hole_bits |= static_cast<unsigned>(h) << s;
     }
     cp_async_commit();
+  }
+  {
+    const int t = my_lo + Tr::STAGES - 1;
+    if (t < my_hi) {
+      KeyRowOffsets<Tr> offsets;
+      offsets.look_up(seq, t * Tr::BN, tid);
+      offsets.store(slot(Tr::STAGES - 1), tid);
+    }
   }
 
   int pos[MF][2];  // absolute positions of this thread's rows
@@ -127,18 +175,25 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
     l[mf][0] = l[mf][1] = 0.0f;
   }
 
+  const bool capped = p.cap_in > 0.0f;
+  const float softmax_scale = capped ? 1.0f : p.scale_log2;  // softcapped scores: log2 domain
   const T* sQw = sQ + warp * Tr::WARP_ROWS * ROW;  // this warp's rows
   int stage = 0;
   for (int kt = my_lo; kt < my_hi; ++kt) {
     cp_async_wait<Tr::STAGES - 2>();  // tile kt has landed (for this thread) ...
-    // ... for every thread; and every warp is done with the stage refilled below.
+    // ... for every thread; every warp is done with the stage refilled below; and tile
+    // kt + STAGES - 1's offsets are visible.
     const bool hole = __syncthreads_or((hole_bits >> stage) & 1u) != 0;
+    const int ahead = kt + Tr::STAGES;  // its table lookup overlaps this tile's MMAs
+    const bool look_ahead = ahead < my_hi;
+    KeyRowOffsets<Tr> ahead_offsets;
+    if (look_ahead) ahead_offsets.look_up(seq, ahead * Tr::BN, tid);
     {
       const int next = kt + Tr::STAGES - 1;
       const int ns = (stage + Tr::STAGES - 1) % Tr::STAGES;
       if (next < my_hi) {
-        const bool h = load_kv_tile<Tr>(sK + ns * Tr::KV_ELEMS, sV + ns * Tr::KV_ELEMS, seq,
-                                        next * Tr::BN, H, tid);
+        const bool h = load_kv_tile<Tr>(sK + ns * Tr::KV_ELEMS, sV + ns * Tr::KV_ELEMS,
+                                        slot(ns), seq, H, tid);
         hole_bits = (hole_bits & ~(1u << ns)) | (static_cast<unsigned>(h) << ns);
       }
       cp_async_commit();
@@ -174,12 +229,12 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
       }
     }
 
-    transform_scores(s, p.scale_log2, p.cap_in, p.cap_out);
+    if (capped) softcap_scores(s, p.cap_in, p.cap_out);
     const int k0 = kt * Tr::BN;
     const bool need_mask = hole || k0 + Tr::BN - 1 > p_first ||
                            (p.window > 0 && k0 <= p_last - p.window);
     if (need_mask) mask_scores<MF, NF, ROW, Tr::HEAD>(s, pos, k0, p.window, sKs, lane);
-    online_softmax(s, o, m, l);
+    online_softmax(s, o, m, l, softmax_scale);
 
     // O += P V: the probabilities, rounded to T, are the A fragments (C layout == A layout).
 #pragma unroll
@@ -204,6 +259,9 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
         }
       }
     }
+    // This stage's pads were last read by the copies of tile kt, issued before this
+    // iteration's barrier; the next iteration's barrier publishes them.
+    if (look_ahead) ahead_offsets.store(slot(stage), tid);
     stage = stage + 1 == Tr::STAGES ? 0 : stage + 1;
   }
 
@@ -271,11 +329,12 @@ __device__ __forceinline__ void fwd_entry(
     const int* past, const int* block_table, void* out, float* partial_o, float* partial_lse,
     int num_tokens, int batch, int num_heads, int kv_heads, int head_size, int group,
     int block_size, int block_shift, unsigned block_magic, int block_magic_shift, int num_blocks,
-    int max_blocks, float scale_log2, float cap_in, float cap_out, int window, int num_splits) {
+    int max_blocks, float scale_log2, float cap_in, float cap_out, int window, int num_splits,
+    const int* fault) {
   FwdParams p{q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse,
               num_tokens, batch, num_heads, kv_heads, head_size, group,
               BlockDiv{block_size, block_shift, block_magic, block_magic_shift},
-              num_blocks, max_blocks, scale_log2, cap_in, cap_out, window, num_splits};
+              num_blocks, max_blocks, scale_log2, cap_in, cap_out, window, num_splits, fault};
   fwd<Tr>(p);
 }
 

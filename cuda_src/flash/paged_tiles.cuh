@@ -1,6 +1,6 @@
 // Global -> shared tile loads of the flash kernel with cp.async: the Q tile of (token, head)
 // rows, and K/V tiles read straight from the paged cache, each key row resolved through the
-// block table (any block_size >= 1; one lookup per tile when block_size % BN == 0, a power of 2).
+// block table one tile ahead (any block_size >= 1).
 #pragma once
 #include "flash/mma.cuh"
 
@@ -25,17 +25,16 @@ struct BlockDiv {
 // One sequence's keys and values for one kv head, seen through the paged cache.
 template <typename T>
 struct PagedSeq {
-  const T* key_cache;     // (num_blocks, block_size, Nkv, H)
-  const T* value_cache;   // (num_blocks, block_size, Nkv, H)
+  const T* key_cache;     // (num_blocks, block_size, Nkv, H) advanced to channel 0 of head kvh
+  const T* value_cache;   // (num_blocks, block_size, Nkv, H) advanced likewise
   const int* table_row;   // block_table[b], (max_blocks,)
-  long long token_stride; // Nkv * H elements between consecutive slots of a block
-  long long head_offset;  // kvh * H
+  int token_stride;       // Nkv * H elements between consecutive slots of a block (< 2^31)
   int kv_len;             // past + q_len: keys at positions >= kv_len are never read
   int max_blocks;
   int num_blocks;
   BlockDiv blocks;
 
-  // Element offset of (key pos, kvh, 0) in the caches, or -1 when the key is not loadable
+  // Element offset of key pos from key_cache / value_cache, or -1 when it is not loadable
   // (outside [0, kv_len), past the table, or in an unmapped / out-of-range block). 64-bit: caches
   // past 2^31 elements are real.
   __device__ __forceinline__ long long offset(int pos) const {
@@ -45,7 +44,7 @@ struct PagedSeq {
     const int block = table_row[column];
     if (block < 0 || block >= num_blocks) return -1;
     const int slot = pos - column * blocks.size;
-    return (static_cast<long long>(block) * blocks.size + slot) * token_stride + head_offset;
+    return (static_cast<long long>(block) * blocks.size + slot) * token_stride;
   }
 };
 
@@ -72,35 +71,60 @@ __device__ __forceinline__ void load_q_tile(typename Tr::T* sQ, const typename T
   }
 }
 
-// Issues the K and V tile of keys [k0, k0 + BN) (k0 % BN == 0) into sK, sV (BN x ROW each),
-// zero-filling keys that are not loadable and channels >= H, and stores each key's loadable
-// flag in its K row's pad. Returns whether any key this thread touched is not loadable (the
-// CTA-wide OR tells the consumer whether the tile needs masking beyond causal/window).
+// A column of 64-bit values, one per padded shared-memory row (the pads of a K or V tile).
+struct PadColumn {
+  unsigned char* base;  // the first row's pad
+  int row_bytes;
+  __device__ __forceinline__ long long& operator[](int r) const {
+    return *reinterpret_cast<long long*>(base + r * row_bytes);
+  }
+};
+
+// Key-row offsets, looked up one tile ahead of the copies that use them, so the block-table
+// lookup's latency hides behind a tile of MMAs instead of stalling every thread before its
+// cp.async (one lookup per key row, any block_size, instead of one per 16-byte chunk). Thread
+// tid resolves rows tid + i * THREADS (i < PER_THREAD) of keys [k0, k0 + BN) through the
+// table, holds them in registers, and stores them in the rows' V pads (-1 = not loadable).
+template <class Tr>
+struct KeyRowOffsets {
+  static constexpr int PER_THREAD = (Tr::BN + Tr::THREADS - 1) / Tr::THREADS;
+  long long off[PER_THREAD];
+
+  __device__ __forceinline__ void look_up(const PagedSeq<typename Tr::T>& seq, int k0, int tid) {
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+      const int r = tid + i * Tr::THREADS;
+      off[i] = r < Tr::BN ? seq.offset(k0 + r) : -1;
+    }
+  }
+  __device__ __forceinline__ void store(const PadColumn pads, int tid) const {
+#pragma unroll
+    for (int i = 0; i < PER_THREAD; ++i) {
+      const int r = tid + i * Tr::THREADS;
+      if (r < Tr::BN) pads[r] = off[i];
+    }
+  }
+};
+
+// Issues the K and V tile of keys [k0, k0 + BN) into sK, sV (BN x ROW each) from the row
+// offsets in sOff (KeyRowOffsets, visible to every thread), zero-filling keys that are not
+// loadable and channels >= H, and stores each key's loadable flag in its K row's pad. Returns
+// whether any key this thread touched is not loadable (the CTA-wide OR tells the consumer
+// whether the tile needs masking beyond causal/window).
 template <class Tr>
 __device__ __forceinline__ bool load_kv_tile(typename Tr::T* sK, typename Tr::T* sV,
-                                             const PagedSeq<typename Tr::T>& seq, int k0,
+                                             const PadColumn sOff,
+                                             const PagedSeq<typename Tr::T>& seq,
                                              int head_size, int tid) {
-  constexpr int kBnLog2 = Tr::BN == 16 ? 4 : Tr::BN == 32 ? 5 : Tr::BN == 64 ? 6 : 7;
-  static_assert((1 << kBnLog2) == Tr::BN, "BN in {16, 32, 64, 128}");
-  // Fast path: the whole tile lies in one block; one table lookup, consecutive slots.
-  const bool one_block = seq.blocks.shift >= kBnLog2;
-  long long tile_base = -1;
-  if (one_block) tile_base = seq.offset(k0);
   bool hole = false;
   // Not unrolled: unrolled, ptxas hoists every row's 64-bit address and the 128-row-tile
-  // variants spilled (e.g. h128 m128 n64: 400 B); rolled, the main loop has no spills.
+  // variants spilled; rolled, the main loop has no spills.
 #pragma unroll 1
   for (int it = 0; it < Tr::KV_ITERS; ++it) {
     const int idx = tid + it * Tr::THREADS;
     if (Tr::BN * Tr::CHUNKS % Tr::THREADS != 0 && idx >= Tr::BN * Tr::CHUNKS) break;
     const int r = idx / Tr::CHUNKS, c = idx % Tr::CHUNKS;
-    const int pos = k0 + r;
-    long long off;
-    if (one_block) {
-      off = (tile_base >= 0 && pos < seq.kv_len) ? tile_base + r * seq.token_stride : -1;
-    } else {
-      off = seq.offset(pos);
-    }
+    const long long off = sOff[r];
     const bool loadable = off >= 0;
     hole |= !loadable;
     const bool ok = loadable && c * 8 < head_size;

@@ -28,6 +28,7 @@ _SMEM_PER_SM = {80: 167936, 86: 102400, 87: 167936, 89: 102400, 90: 233472, 100:
 _SMALL_SMEM_SMS = frozenset({86, 89, 120, 121})  # ~100 KB per block: the sm86 tile class
 _LOG2E = math.log2(math.e)
 _COMBINE_THREADS = 256
+_NULL = np.uint64(0)  # a null pointer argument (no guard flags)
 _MAX_SPLITS = 64
 _MAX_WORKSPACE_BYTES = 256 << 20
 
@@ -41,7 +42,7 @@ FWD_PARAMS = (
     ("int", "head_size"), ("int", "group"), ("int", "block_size"), ("int", "block_shift"),
     ("unsigned", "block_magic"), ("int", "block_magic_shift"), ("int", "num_blocks"),
     ("int", "max_blocks"), ("float", "scale_log2"), ("float", "cap_in"), ("float", "cap_out"),
-    ("int", "window"), ("int", "num_splits"),
+    ("int", "window"), ("int", "num_splits"), ("const int*", "fault"),
 )
 
 
@@ -87,18 +88,20 @@ def padded_head(head_size):
 def tile_for(head, rows_bound, arch):
     """Tile for padded head ``head`` when sequences have about ``rows_bound`` rows (q_len * G).
 
-    Decode and short chunks: 4 warps of 16 rows, 64 keys a tile (H100, fp16 decode 64 x 4096,
-    H 128, bs 16: 2322 GB/s, against 1617 for one warp of 16 rows, 1591 for the prefill tile,
-    1882 for 32 keys x 4 stages, 1407 for 3 stages). Prefill: 4 warps of 32 rows (each K/V
-    fragment feeds two MMAs; 8 x 2048 causal: 187 TFLOP/s, against 150 for 64 rows and 128 for
-    3 stages), 32 keys a tile above head 64 (64 keys spill registers for no gain). STAGES = 2:
-    one K/V tile in flight while one computes. Any tile is correct for any q_len: speed only.
+    Decode and short chunks: 4 warps of 16 rows, 64 keys a tile (H100, fp16, H 128, bs 16,
+    benchmarks/tile_sweep.py: decode 64 x 4096 at 2704 GB/s = 90% of copy, against 2715 for
+    32 keys x 4 stages, 2239 for 128 keys, 2130 for 3 stages). Prefill: 4 warps of 32 rows
+    (each K/V fragment feeds two MMAs) and 64 keys a tile up to head 128 (8 x 2048 causal:
+    227 TFLOP/s, against 213 for 32 keys, 200 for 8 warps of 16 rows, 197 for 64 rows, 133
+    for 64 rows x 128 keys), 32 keys above (and for head 128 on ~100 KB parts, where 64 keys
+    do not fit). STAGES = 2: one K/V tile in flight while one
+    computes. Any tile is correct for any q_len: speed only.
     """
     small = arch == "sm86"
     if rows_bound <= 64 or head > 128:
         bn = 64 if head <= (128 if small else 192) else 32
         return Tile(head, 64, bn, 4, 2, arch)
-    return Tile(head, 128, 64 if head <= 64 else 32, 4, 2, arch)
+    return Tile(head, 128, 64 if head <= (96 if small else 128) else 32, 4, 2, arch)
 
 
 def _rows_bound(problem):
@@ -150,8 +153,9 @@ def _register_combine(dtype):
     name, ctype = combine_name(dtype), _DTYPES[dtype][1]
     entry = (f'extern "C" __global__ void __launch_bounds__({_COMBINE_THREADS})\n{name}('
              f"const float* partial_o, const float* partial_lse, {ctype}* out, int rows, "
-             f"int head_size, int num_splits) {{\n  cupy_paged::flash::combine<{ctype}>("
-             f"partial_o, partial_lse, out, rows, head_size, num_splits);\n}}\n")
+             f"int head_size, int num_splits, const int* fault, int batch) {{\n"
+             f"  cupy_paged::flash::combine<{ctype}>(partial_o, partial_lse, out, rows, "
+             f"head_size, num_splits, fault, batch);\n}}\n")
     register(KernelSpec(name, "flash/flash.cu", entry, min_arch=80))
     return name
 
@@ -265,6 +269,7 @@ class _Plan:
     scalars: tuple
     combine_grid: tuple
     combine_scalars: tuple
+    batch: np.int32
 
 
 @functools.lru_cache(maxsize=512)
@@ -292,10 +297,24 @@ def _plan(problem, sm, sm_count, num_splits):
     items = rows * H // 4
     combine_grid = (max(1, min(-(-items // _COMBINE_THREADS), 16 * sm_count)), 1, 1)
     return _Plan(name, combine, tile.smem_bytes, (grid_x, Nkv, splits), (tile.threads, 1, 1),
-                 splits, scalars, combine_grid, (i32(rows), i32(H), i32(splits)))
+                 splits, scalars, combine_grid, (i32(rows), i32(H), i32(splits)), i32(B))
 
 
 _kernels: dict = {}  # (device id, name) -> cupy.RawKernel, dynamic shared memory raised
+_last_plan: list = [None, None]  # (key, plan) of the last call: a decode loop repeats it
+
+
+def launch_plan(problem, sm, device, num_splits=None):
+    """The cached launch plan of ``problem`` on ``device`` (compute capability ``sm``): variant,
+    grid, split count (``plan_splits`` unless ``num_splits`` forces one) and kernel scalars."""
+    # problem_tile and _plan are in the key: tests and benchmarks/tile_sweep.py replace them
+    key = (problem, sm, device, num_splits, problem_tile, _plan)
+    last = _last_plan
+    if last[0] is not None and last[0][0] is problem and last[0][1:] == key[1:]:
+        return last[1]
+    plan = _plan(problem, int(sm), sm_count(device), num_splits)
+    last[0], last[1] = key, plan
+    return plan
 
 
 def _kernel(device, name, smem):
@@ -309,7 +328,7 @@ def _kernel(device, name, smem):
 
 
 def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out, sm,
-                 num_splits=None, workspace=None):
+                 num_splits=None, workspace=None, fault=None):
     """Attention of the (already rotated) q over the paged caches into out, on the current
     CuPy stream; no device->host synchronisation. Returns out.
 
@@ -320,6 +339,9 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
     workspace: None (allocated per call from CuPy's pool), or float32 (partial_o, partial_lse)
     of ``workspace_shape(problem, S)`` or larger, which a CUDA graph capture must keep alive
     (a per-call workspace goes back to the pool when the call returns).
+    fault: None, or the metadata guard's int32 (B+1,) flags: CTAs of a faulted sequence (all,
+    when fault[B] != 0) write nothing to out, and with split-KV poison their partial sums so
+    the combine writes NaN rows (the guard has already written NaN there).
     """
     if problem.num_tokens == 0 or problem.batch == 0:
         return out
@@ -328,7 +350,7 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
             raise ValueError("flash: q, caches and out must be 16-bit arrays on 16-byte "
                              f"aligned addresses (got {arr.dtype} at {arr.data.ptr:#x})")
     device = q.device.id
-    plan = _plan(problem, int(sm), sm_count(device), num_splits)
+    plan = launch_plan(problem, sm, device, num_splits)
     fwd = _kernel(device, plan.fwd, plan.smem)
     if plan.splits > 1:
         o_shape, lse_shape = workspace_shape(problem, plan.splits)
@@ -344,11 +366,12 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
                                  f"{lse_shape} (see workspace_shape)")
     else:
         partial_o = partial_lse = out  # never dereferenced with num_splits == 1
+    fault_arg = _NULL if fault is None else fault
     fwd(plan.grid, plan.block,
         (q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse)
-        + plan.scalars, shared_mem=plan.smem)
+        + plan.scalars + (fault_arg,), shared_mem=plan.smem)
     if plan.splits > 1:
         combine = _kernel(device, plan.combine, 0)
         combine(plan.combine_grid, (_COMBINE_THREADS, 1, 1),
-                (partial_o, partial_lse, out) + plan.combine_scalars)
+                (partial_o, partial_lse, out) + plan.combine_scalars + (fault_arg, plan.batch))
     return out

@@ -9,7 +9,6 @@ different streams never share one.
 from __future__ import annotations
 
 from . import _flash_kernels, _prologue
-from ._launch import sm_count
 from .base import Backend, Capabilities
 
 _workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), grow-only
@@ -18,12 +17,12 @@ _workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), g
 def _run(problem, adopted, out, fault=None):
     xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
     device = a["query"].device.id
-    q = _prologue.run_prologue(problem, a)
-    splits = _flash_kernels.plan_splits(problem, sm_count(device), sm)
+    q = _prologue.run_prologue(problem, a)  # TODO(guard): pass fault
+    splits = _flash_kernels.launch_plan(problem, sm, device).splits
     workspace = _workspace(xp, device, problem, splits) if splits > 1 else None
     _flash_kernels.launch_flash(
         problem, q, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
-        a["past_seqlens"], a["block_table"], out, sm, num_splits=splits, workspace=workspace)
+        a["past_seqlens"], a["block_table"], out, sm, workspace=workspace, fault=fault)
 
 
 def _workspace(xp, device, problem, splits):

@@ -1,0 +1,104 @@
+"""Time the flash backend on benchmark cases with each candidate tile (and split count), the
+SDPA FLASH peer and the device copy bandwidth measured in the same process.
+
+    python benchmarks/tile_sweep.py --case prefill_8x2048 --tile 128,32,4,2 128,64,4,2 \
+        [--splits 0 2 4] [--block-size 16 256]
+
+A tile is BM,BN,WARPS,STAGES (cupy_paged/backends/_flash_kernels.Tile); --splits 0 is the
+planner's choice. Every timed output row is checked against float32 torch first. For choosing
+the heuristic in ``_flash_kernels.tile_for``; `benchmarks/run.py` gives the reported numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):      # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import cases as C  # noqa: E402
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--case", dest="cases", nargs="+", required=True, choices=list(C.CASES))
+    p.add_argument("--block-size", dest="block_sizes", nargs="+", type=int,
+                   default=[C.DEFAULT_BLOCK_SIZE])
+    p.add_argument("--tile", dest="tiles", nargs="+", default=[],
+                   help="BM,BN,WARPS,STAGES; none: the heuristic's tile only")
+    p.add_argument("--splits", nargs="+", type=int, default=[0])
+    p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--json", default=None, help="write the records here")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from benchmarks import peers, timing
+    from cupy_paged.backends import _flash_kernels as fk
+
+    tkw = dict(timing.QUICK)
+    copy = timing.copy_bandwidth(**tkw)
+    copy_gbps = copy["bytes_per_s"] / 1e9
+    print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s", flush=True)
+    heuristic_plan, heuristic_tile = fk._plan, fk.problem_tile
+    records = []
+    for name in args.cases:
+        for bs in args.block_sizes:
+            case = C.make_case(name, bs)
+            meta = C.build_metadata(case)
+            n_sets = C.n_input_sets(case.min_bytes(), 50 << 20)
+            sets = peers.make_sets(case, meta, n_sets)
+            ref = peers.reference_rows(case, meta, sets[0], C.sample_rows(case))
+            flops, nbytes = case.flops(), case.min_bytes()
+            if not args.no_peer:
+                impl = peers.build_sdpa("flash", case, meta, sets, False)
+                t = timing.bench(impl.fn, len(sets), **tkw)["ms"]
+                _report(records, name, bs, "sdpa:flash", "-", t, flops, nbytes, None)
+                peers.drop_dense(sets)
+            sm = torch.cuda.get_device_capability()
+            arch = fk.arch_class(10 * sm[0] + sm[1])
+            tiles = [None] + [fk.Tile(fk.padded_head(case.head_size), *map(int, s.split(",")),
+                                      arch) for s in args.tiles]
+            for tile in tiles:
+                for splits in args.splits:
+                    fk.problem_tile = heuristic_tile if tile is None else (
+                        lambda problem, sm, tile=tile: tile)
+                    fk._plan = heuristic_plan
+                    heuristic_plan.cache_clear()
+                    if splits:
+                        fk._plan = (lambda problem, sm, n, ns, s=splits:
+                                    heuristic_plan(problem, sm, n, s))
+                    label = "heuristic" if tile is None else (
+                        f"m{tile.bm}n{tile.bn}w{tile.warps}s{tile.stages}")
+                    label += f" splits={splits or 'plan'}"
+                    try:
+                        impl = peers.build_ours("flash", case, meta, sets)
+                        out = impl.fn(0)
+                        torch.cuda.synchronize()
+                        chk = peers.check(impl, out, ref)
+                        t = timing.bench(impl.fn, len(sets), **tkw)["ms"]
+                    except Exception as exc:  # a tile that does not fit: say so, go on
+                        print(f"{name} bs={bs} {label}: {type(exc).__name__}: {exc}"[:300])
+                        continue
+                    _report(records, name, bs, "ours:flash", label, t, flops, nbytes, chk)
+    fk.problem_tile, fk._plan = heuristic_tile, heuristic_plan
+    if args.json:
+        Path(args.json).write_text(json.dumps({"copy_gbps": copy_gbps,
+                                               "records": records}, indent=1))
+
+
+def _report(records, case, bs, impl, label, ms, flops, nbytes, chk):
+    rec = {"case": case, "block_size": bs, "impl": impl, "tile": label, "ms": ms,
+           "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6}
+    if chk is not None:
+        rec["rel_err"], rec["ok"] = chk["rel_err"], chk["ok"]
+    records.append(rec)
+    ok = "" if chk is None else f"  err {chk['rel_err']:.1e}{'' if chk['ok'] else ' FAIL'}"
+    print(f"{case:16s} bs={bs:<4d} {impl:11s} {label:28s} {ms:8.4f} ms "
+          f"{rec['tflops']:7.1f} TFLOP/s {rec['gbps']:7.0f} GB/s{ok}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
