@@ -130,6 +130,10 @@ def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd):
     safe = np.where(mapped, blocks, 0)
     keys = key_cache[safe, kpos % block_size].astype(cd)
     values = value_cache[safe, kpos % block_size].astype(cd)
+    # Unmapped positions read block 0 as a stand-in: zero them, or a NaN there (a cache from
+    # empty()) would leak into the output through 0 * NaN.
+    keys[~mapped] = 0
+    values[~mapped] = 0
     return keys, values, mapped
 
 

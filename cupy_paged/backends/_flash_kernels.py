@@ -301,7 +301,7 @@ def _plan(problem, sm, sm_count, num_splits):
 
 
 _kernels: dict = {}  # (device id, name) -> cupy.RawKernel, dynamic shared memory raised
-_last_plan: list = [None, None]  # (key, plan) of the last call: a decode loop repeats it
+_last_plan: list = [None]  # [(key, plan)] of the last call: a decode loop repeats it
 
 
 def launch_plan(problem, sm, device, num_splits=None):
@@ -309,11 +309,11 @@ def launch_plan(problem, sm, device, num_splits=None):
     grid, split count (``plan_splits`` unless ``num_splits`` forces one) and kernel scalars."""
     # problem_tile and _plan are in the key: tests and benchmarks/tile_sweep.py replace them
     key = (problem, sm, device, num_splits, problem_tile, _plan)
-    last = _last_plan
-    if last[0] is not None and last[0][0] is problem and last[0][1:] == key[1:]:
+    last = _last_plan[0]  # one read of one (key, plan) tuple: safe across threads
+    if last is not None and last[0][0] is problem and last[0][1:] == key[1:]:
         return last[1]
     plan = _plan(problem, int(sm), sm_count(device), num_splits)
-    last[0], last[1] = key, plan
+    _last_plan[0] = (key, plan)
     return plan
 
 

@@ -1,0 +1,210 @@
+"""Concurrency on the GPU: calls on several CuPy streams at once, from one thread (interleaved
+launches) and from several threads, each output bit-identical to the same call run alone; arrays
+on the wrong GPU refused (needs two GPUs); a damaged cached cubin rebuilt before it is loaded.
+
+The four calls differ in every way that gives a call private state: a long decode (flash splits
+the keys: per-stream workspace), a prefill with rotary (prologue scratch), a 64-sequence decode
+with window and softcap at block size 3, packed QKV with GPT-J rotary; half of them pass host
+bounds (mea then sizes its scratch without a sync).
+"""
+import dataclasses
+import threading
+
+import numpy as np
+import pytest
+
+try:
+    from .gpu_parity import host_dtype
+    from .paged_cases import Case, make_inputs
+except ImportError:
+    from gpu_parity import host_dtype
+    from paged_cases import Case, make_inputs
+
+CALLS = [
+    (Case("long_decode", lens=((1, 3000), (1, 777)), N=32, Nkv=8, H=128, bs=16), {}),
+    (Case("prefill_rotary", lens=((300, 0), (20, 50)), N=8, Nkv=2, H=64, bs=32,
+          rotary="neox"),
+     {"max_seqlen_q": 300, "max_seqlen_k": 320, "total_kv_tokens": 370}),
+    (Case("decode64_window", mode="decode", B=64, N=6, Nkv=3, H=64, bs=3, W=100,
+          softcap=50.0, scale=0.05), {}),
+    (Case("packed_gptj", lens=((5, 11), (16, 0), (0, 40)), packed=True, N=4, Nkv=1, H=128,
+          bs=5, rotary="gptj"),
+     {"max_seqlen_q": 16, "max_seqlen_k": 40, "total_kv_tokens": 88}),
+]
+ROUNDS = 4
+
+
+def _device_call(index, dtype="float16"):
+    """(device args, kwargs) of CALLS[index] in ``dtype``."""
+    import cupy
+
+    case, hints = CALLS[index]
+    inp = make_inputs(dataclasses.replace(case, dtype="float32"),
+                      np.random.default_rng(1000 + index))
+    lowp = host_dtype(dtype)
+    dev = [None if x is None else cupy.asarray(x.astype(lowp) if x.dtype.kind == "f" else x)
+           for x in inp.args]
+    return dev, dict(inp.kwargs, **hints)
+
+
+def _call(dev, kwargs, backend):
+    """One call on private copies of the caches: (out, key_cache, value_cache)."""
+    import cupy_paged
+
+    args = list(dev)
+    args[3], args[4] = args[3].copy(), args[4].copy()
+    out = cupy_paged.paged_attention(*args, **kwargs, backend=backend)
+    return out, args[3], args[4]
+
+
+def _same_bits(a, b):
+    import cupy
+    return bool(cupy.array_equal(a.view(cupy.uint16), b.view(cupy.uint16)))
+
+
+def _backend_of(mode, i):
+    return mode if mode != "mixed" else ("flash", "mea")[i % 2]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["flash", "mea", "mixed"])
+def test_four_streams_interleaved(mode):
+    import cupy
+
+    calls = [_device_call(i) for i in range(len(CALLS))]
+    alone = [_call(dev, kw, _backend_of(mode, i)) for i, (dev, kw) in enumerate(calls)]
+    cupy.cuda.Device().synchronize()
+    streams = [cupy.cuda.Stream(non_blocking=True) for _ in calls]
+    results = [[] for _ in calls]
+    for _ in range(ROUNDS):
+        for i, ((dev, kw), stream) in enumerate(zip(calls, streams)):
+            with stream:
+                results[i].append(_call(dev, kw, _backend_of(mode, i)))
+    for stream in streams:
+        stream.synchronize()
+    for i, runs in enumerate(results):
+        for r, got in enumerate(runs):
+            for name, a, b in zip(("out", "key_cache", "value_cache"), got, alone[i]):
+                assert _same_bits(a, b), f"{CALLS[i][0].name} round {r}: {name} differs " \
+                                         f"from the call run alone ({mode})"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["flash", "mea", "mixed"])
+def test_four_threads_each_with_its_stream(mode):
+    import cupy
+
+    calls = [_device_call(i) for i in range(len(CALLS))]
+    alone = [_call(dev, kw, _backend_of(mode, i)) for i, (dev, kw) in enumerate(calls)]
+    cupy.cuda.Device().synchronize()
+    barrier = threading.Barrier(len(calls))
+    results, errors = [None] * len(calls), []
+
+    def work(i):
+        try:
+            stream = cupy.cuda.Stream(non_blocking=True)
+            dev, kw = calls[i]
+            barrier.wait(timeout=60)
+            with stream:
+                runs = [_call(dev, kw, _backend_of(mode, i)) for _ in range(ROUNDS)]
+            stream.synchronize()
+            results[i] = runs
+        except BaseException as exc:  # noqa: BLE001 (re-raised in the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors, errors
+    for i, runs in enumerate(results):
+        for r, got in enumerate(runs):
+            for name, a, b in zip(("out", "key_cache", "value_cache"), got, alone[i]):
+                assert _same_bits(a, b), f"{CALLS[i][0].name} run {r}: {name} differs " \
+                                         f"from the call run alone ({mode}, threads)"
+
+
+# ---------------------------------------------------------------- two GPUs
+
+
+def _two_gpus():
+    import cupy
+    count = cupy.cuda.runtime.getDeviceCount()
+    if count < 2:
+        pytest.skip(f"needs two GPUs, CuPy sees {count}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "mea"])
+@pytest.mark.parametrize("moved", ["query", "key_cache", "block_table", "cos_cache"])
+def test_array_on_another_gpu_is_refused(backend, moved):
+    import cupy
+
+    import cupy_paged
+
+    _two_gpus()
+    dev, kw = _device_call(1)                         # on GPU 0; has cos/sin (rotary)
+    names = ["query", "key", "value", "key_cache", "value_cache",
+             "cumulative_sequence_length", "past_seqlens", "block_table", "cos_cache",
+             "sin_cache"]
+    i = names.index(moved)
+    with cupy.cuda.Device(1):
+        dev[i] = cupy.asarray(dev[i].get())
+    # the first array decides the device: moving query makes every other one the odd one out
+    odd, where = (("key", 1) if moved == "query" else (moved, 0))
+    with pytest.raises(ValueError, match=f"{odd}: expected an array on GPU {where} "
+                                         r"\(where query is\)"):
+        cupy_paged.paged_attention(*dev, **kw, backend=backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "mea"])
+def test_call_on_the_second_gpu_while_the_first_is_current(backend):
+    """Every array on GPU 1, GPU 0 current: it runs on GPU 1 and gives GPU 0's bits."""
+    import cupy
+
+    import cupy_paged
+
+    _two_gpus()
+    dev, kw = _device_call(0)
+    want = _call(dev, kw, backend)
+    with cupy.cuda.Device(1):          # ndarray.copy() allocates on the current device
+        dev1 = [None if x is None else cupy.asarray(x.get()) for x in dev]
+    with cupy.cuda.Device(0):
+        out = cupy_paged.paged_attention(*dev1, **kw, backend=backend)
+    got = (out, dev1[3], dev1[4])
+    assert all(x.device.id == 1 for x in got)
+    for name, a, b in zip(("out", "key_cache", "value_cache"), got, want):
+        with cupy.cuda.Device(1):
+            a_host = a.get()
+        assert np.array_equal(a_host.view(np.uint16), b.get().view(np.uint16)), name
+
+
+# ---------------------------------------------------------------- damaged cubin, then load
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("how", ["tail_cut", "byte_flipped"])
+def test_damaged_cubin_is_rebuilt_before_loading(how, tmp_path, monkeypatch):
+    import cupy
+
+    from cupy_paged.jit import KernelSpec, compile_variant, get_function, register
+
+    monkeypatch.setenv("CUPY_PAGED_CACHE_DIR", str(tmp_path))
+    name = f"concurrency_gpu_axpy_{how}"
+    register(KernelSpec(name, "smoke/axpy.cu",
+                        f'extern "C" __global__ void {name}(int n, float a, const float* x, '
+                        f"float* y) {{\n  cupy_paged::smoke::axpy<float>(n, a, x, y);\n}}\n"))
+    sm = cupy.cuda.Device().compute_capability
+    path = compile_variant(name, f"sm_{sm}").path
+    data = path.read_bytes()
+    path.write_bytes(data[:-64] if how == "tail_cut"
+                     else data[:200] + bytes([data[200] ^ 0xFF]) + data[201:])
+    kernel = get_function(name)                         # first load of this variant
+    assert path.read_bytes() == data, "the damaged cubin was not rebuilt"
+    n, a = 1000, 1.5
+    x = cupy.arange(n, dtype=cupy.float32)
+    y = cupy.ones(n, dtype=cupy.float32)
+    kernel((4,), (128,), (np.int32(n), np.float32(a), x, y))
+    assert bool(cupy.allclose(y, a * cupy.arange(n, dtype=cupy.float32) + 1))
