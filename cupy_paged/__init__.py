@@ -4,10 +4,10 @@
     out = cpg.paged_attention(q, k, v, key_cache, value_cache, cum, past, block_table,
                               num_heads=32, kv_num_heads=8)
 """
-from .api import paged_attention
+from .api import check_errors, paged_attention
 from .cache import CacheFullError, PagedKVCache, StepMetadata
 from ._precompile import precompile
-from .errors import CompileError, ToolchainError, UnsupportedError
+from .errors import CompileError, MetadataError, ToolchainError, UnsupportedError
 from .reference import paged_attention_reference
 from .rotary import rotary_cache
 
@@ -15,6 +15,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "paged_attention",
+    "check_errors",
     "paged_attention_reference",
     "rotary_cache",
     "PagedKVCache",
@@ -24,5 +25,6 @@ __all__ = [
     "UnsupportedError",
     "ToolchainError",
     "CompileError",
+    "MetadataError",
     "__version__",
 ]

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 from . import backends
 from ._validate import Problem
-from .backends import _flash_kernels, _gather, _mea_kernels, _prologue
+from .backends import _flash_kernels, _gather, _guard, _mea_kernels, _prologue
 from .errors import CompileError, ToolchainError
 from .jit import cache, compiler, find_toolchain, get_spec
 from .jit.registry import arch_number
@@ -122,8 +122,9 @@ def needed_variants(dtypes=None, head_sizes=None, num_heads=None, kv_num_heads=N
 
 def backend_variants(backend, problem, sm):
     """Variant names ``backend`` ("flash" or "mea") launches for ``problem`` on SM ``sm``
-    (prologue first), for every q_len from decode to a long prefill chunk. Registers them."""
-    names = [_prologue.prologue_name(problem.dtype)]
+    (the metadata guard and the prologue first), for every q_len from decode to a long prefill
+    chunk. Registers them."""
+    names = [_guard.NAME, _prologue.prologue_name(problem.dtype)]
     if backend == "mea":
         names += [_gather.gather_name(problem.dtype),
                   _mea_kernels.variant_name(problem.dtype, sm, problem.head_size)]

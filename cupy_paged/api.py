@@ -5,6 +5,9 @@ import os
 
 from . import _validate, backends
 from ._arrays import adopt_arrays
+from .backends import _guard
+
+check_errors = _guard.check_errors
 
 
 def paged_attention(
@@ -28,7 +31,11 @@ def paged_attention(
     scale: 0 means 1/sqrt(H); softcap > 0 caps logits as c*tanh(s/c); local_window_size > 0
     lets each query see that many keys ending at itself.
     backend: "auto" | "flash" | "mea" | "reference". validate: also run the data-dependent
-    checks on GPU input (one device->host sync); NumPy input is always checked.
+    checks on GPU input on the host before the launch, and after it wait for the GPU and raise
+    the metadata guard's error (``check_errors``); NumPy input is always checked. Without it,
+    a GPU call never syncs: the guard on the device stops every sequence whose metadata would
+    reach outside an array (its output rows become NaN, it writes nothing to the caches) and
+    ``cupy_paged.check_errors()`` reports it later.
     out: optional preallocated (T, N*H) output.
     max_seqlen_q, max_seqlen_k, total_kv_tokens: optional host-side upper bounds on the largest
     q_len, the largest past + q_len and the sum of past + q_len. GPU backends size their grids
@@ -52,8 +59,11 @@ def paged_attention(
 
     chosen = backends.choose_backend(requested, problem, adopted.kind, adopted.sm)
 
+    # GPU backends trust the device guard; the reference (NumPy, or host copies) checks here.
+    guarded = adopted.kind == "cupy" and chosen.name != "reference"
+    validate = validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1"
     with adopted.context():      # the arrays' GPU; torch tensors: torch's current stream
-        if adopted.kind == "numpy" or validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1":
+        if not guarded or validate:
             _validate.check_metadata(problem, *_metadata_on_host(adopted))
         result = adopted.arrays["out"]
         if result is None:
@@ -61,7 +71,10 @@ def paged_attention(
                 (problem.num_tokens, problem.num_heads * problem.head_size),
                 dtype=adopted.arrays["query"].dtype)
         if problem.num_tokens:             # T = 0: nothing to write, caches untouched
-            chosen.run(problem, adopted, result)
+            fault = _guard.run_guard(problem, adopted.arrays, result) if guarded else None
+            chosen.run(problem, adopted, result, fault)
+            if guarded and validate:
+                _guard.check_errors(adopted.arrays["query"].device.id)
     return adopted.wrap(result, caller_out=out)
 
 

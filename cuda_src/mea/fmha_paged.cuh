@@ -50,7 +50,8 @@ struct PagedFmha {
 
   struct SharedStorage {
     typename AK::SharedStorage ak;
-    bool key_ok[kK];        // key of this tile inside the sequence and in a mapped block
+    // key_ok[t & 1]: keys of the loop's t-th tile inside the sequence and in a mapped block
+    bool key_ok[2][kK];
   };
   static constexpr int kSmemBytes = int(sizeof(SharedStorage));
 
@@ -123,17 +124,21 @@ struct PagedFmha {
     out.clear();
     const ScoreMap map = ScoreMap::make(a.scale, a.softcap);
     const int q_rows = min(kQ, blk.rows);
-    for (int key0 = blk.key_begin; key0 < blk.key_end; key0 += kK) {
+    // The block-table flags of each key tile are looked up one tile ahead (the load's latency
+    // hides behind the Q.K^T GEMM), and a CTA-wide AND says whether a tile has an unmapped
+    // key at all: most tiles have none and skip the per-key flag test in the softmax. The
+    // barrier also publishes init_rows.
+    bool all_ok = __syncthreads_and(key_flag(blk, blk.key_begin, smem.key_ok[0], thread, a));
+    int parity = 0;
+    for (int key0 = blk.key_begin; key0 < blk.key_end; key0 += kK, parity ^= 1) {
       const int n_keys = min(kK, blk.key_end - key0);
       const bool first = key0 == blk.key_begin;
       const bool last = key0 + kK >= blk.key_end;
-      // Last tile's readers of key_ok are behind this loop's barriers; the next barrier
-      // publishes the new flags (and init_rows on the first pass).
-      if (thread < kK) {
-        const int pos = key0 + thread;
-        smem.key_ok[thread] = thread < n_keys && blk.table_row[pos / a.block_size] >= 0;
-      }
-      __syncthreads();
+      // The next tile's flag: loaded now, stored after the GEMM into the other buffer, whose
+      // readers (the previous tile's softmax) are behind the previous iteration's barriers.
+      const int next_pos = key0 + kK + thread;
+      const bool look = !last && thread < kK && next_pos < blk.key_end;
+      const int next_block = look ? blk.table_row[next_pos / a.block_size] : 0;
 
       // scores = Q (q_rows, H) . K^T (H, n_keys)
       typename MM0::IteratorA q_iter(
@@ -148,7 +153,8 @@ struct PagedFmha {
       scores.clear();
       qk((a.head_size + MM0::Mma::Shape::kK - 1) / MM0::Mma::Shape::kK, scores, q_iter, k_iter,
          scores);
-      __syncthreads();
+      if (thread < kK) smem.key_ok[parity ^ 1][thread] = look && next_block >= 0;
+      const bool next_all_ok = __syncthreads_and(!look || next_block >= 0);
       if (AK::kPreloadV) {
         prefetch_v(blk, key0, n_keys, a.head_size, 0, s, thread);  // overlaps the softmax
       } else {
@@ -159,7 +165,9 @@ struct PagedFmha {
                                              warp / MM0::Mma::WarpCount::kM};
       const cutlass::MatrixCoord lane_offset =
           MM0::AccumLambdaIterator::get_lane_offset(lane, warp, tile);
-      const TileMask mask{blk.causal_shift + blk.first_row - key0, a.window, smem.key_ok};
+      const TileMask mask{blk.causal_shift + blk.first_row - key0, a.window,
+                          all_ok ? nullptr : smem.key_ok[parity]};
+      all_ok = next_all_ok;
       if (map.capped) {
         Softmax::template logits_and_max<true>(scores, lane_offset, map, mask, s, lane);
       } else {
@@ -194,6 +202,18 @@ struct PagedFmha {
       MM1::Mma::drain_cp_asyncs();
       Store::template store<true, true>(blk.dst, 0, out, s, thread, warp, lane);
     }
+  }
+
+  // Fills flags[thread] for the tile at key0 (thread < kK); returns whether this thread's key
+  // is usable or outside the tile (true), for the CTA-wide AND.
+  __device__ static bool key_flag(const Block& blk, int key0, bool* flags, int thread,
+                                  const Args& a) {
+    if (thread >= kK) return true;
+    const int pos = key0 + thread;
+    const bool inside = pos < blk.key_end;
+    const bool ok = inside && blk.table_row[pos / a.block_size] >= 0;
+    flags[thread] = ok;
+    return ok || !inside;
   }
 
   // out += P (q_rows, n_keys) . V (n_keys, H), one kKeysPerBlock-wide column block at a time.

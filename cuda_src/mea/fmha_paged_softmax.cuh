@@ -25,7 +25,7 @@ __device__ __forceinline__ void atomic_max_float(float* addr, float value) {
 struct TileMask {
   int last_shift;       // kv_len - q_len + query_start - key_tile_start
   int window;           // W > 0: sliding window of W keys; <= 0: none
-  const bool* key_ok;   // (kKeysPerBlock,) in shared memory
+  const bool* key_ok;   // (kKeysPerBlock,) in shared memory; null: every key of the tile is usable
 };
 
 // Score transform, constant over the launch. Logits are kept in base 2 (exp2f is one
@@ -97,7 +97,7 @@ struct OnlineSoftmaxTile {
         },
         [&](int m, int n, int idx) {
           accum_t x = neg_inf();
-          if (n >= first && n <= last && mask.key_ok[n]) {
+          if (n >= first && n <= last && (mask.key_ok == nullptr || mask.key_ok[n])) {
             // scale first, then cap: softcap * tanh(scale * qk / softcap)
             x = kCapped ? map.cap_log2 * tanhf(scores[idx] * map.qk_factor)
                         : scores[idx] * map.qk_factor;

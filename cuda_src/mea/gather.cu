@@ -5,6 +5,7 @@
 #include "common/dtypes.cuh"
 #include "common/paged_kv.cuh"
 #include "common/seq_lookup.cuh"
+#include "guard/fault_codes.cuh"
 
 namespace cupy_paged {
 namespace mea {
@@ -16,16 +17,21 @@ namespace mea {
 //
 // key_cache, value_cache: (num_blocks, block_size, Nkv, H); block_table: (B, max_blocks) int32
 // seqstart_k: (B+1,) int32, seqstart_k[b+1] - seqstart_k[b] = past[b] + q_len[b]
+// (0 for a faulted sequence); any values stay in bounds: the cursor returns some b in [0, B)
+// and PagedKV::slot reads only table cells and cache slots that exist.
+// fault: the metadata guard's (B+1,) int32 verdict, or nullptr: nothing is gathered when
+// fault[B] != 0, and rows of a sequence with fault[b] != 0 are left as they are.
 // k_packed, v_packed: (rows_bound, Nkv, H); rows >= seqstart_k[B] are left as they are.
 template <typename T>
 __device__ __forceinline__ void gather_kv(const T* __restrict__ key_cache,
                                           const T* __restrict__ value_cache,
                                           const int* __restrict__ block_table,
                                           const int* __restrict__ seqstart_k,
+                                          const int* __restrict__ fault,
                                           T* __restrict__ k_packed, T* __restrict__ v_packed,
                                           int batch, int kv_heads, int head_size, int block_size,
                                           int num_blocks, int max_blocks, int rows_bound) {
-  if (batch <= 0) return;
+  if (batch <= 0 || guard::batch_faulted(fault, batch)) return;
   const PagedKV<const T> kv{key_cache, value_cache, block_table, num_blocks, block_size,
                             kv_heads, head_size, max_blocks};
   const int total = seqstart_k[batch];
@@ -39,6 +45,7 @@ __device__ __forceinline__ void gather_kv(const T* __restrict__ key_cache,
     const long long row = i / row_chunks;
     const long long c0 = (i % row_chunks) * 8;
     const int b = seq.seek(row);
+    if (guard::sequence_faulted(fault, b)) continue;
     const long long slot = kv.slot(b, row - seq.begin);
     const long long dst = row * kv.slot_elems() + c0;
     if (slot < 0) {  // unmapped: the attention kernel masks it; never read the cache there

@@ -6,6 +6,7 @@
 #include "common/paged_kv.cuh"
 #include "common/rotary.cuh"
 #include "common/seq_lookup.cuh"
+#include "guard/fault_codes.cuh"
 
 namespace cupy_paged {
 namespace prologue {
@@ -19,19 +20,23 @@ namespace prologue {
 // key, value: (T, Nkv*H) each (unused when packed)
 // key_cache, value_cache: (num_blocks, block_size, Nkv, H), written at slot(b, p) only
 // cum: (B+1,), past: (B,), block_table: (B, max_blocks), all int32
+// fault: the metadata guard's (B+1,) int32 verdict, or nullptr: nothing runs when fault[B] != 0,
+// and the tokens of a sequence with fault[b] != 0 are skipped (no q_out row, no K/V write).
 // cos_cache, sin_cache: (cos_rows, R/2) (unused without rotary); q_out: (T, N, H)
-// A token whose position has no cos/sin row (data validate=True rejects) gets NaN in q_out and
-// writes no K/V: wrong input never turns into an access outside an array.
+// Without the guard, a token whose position has no cos/sin row gets NaN in q_out and writes no
+// K/V, and the cursor and PagedKV::slot stay inside their arrays for any cum/past/table values:
+// wrong input never turns into an access outside an array.
 template <typename T>
 __device__ __forceinline__ void run(
     const T* __restrict__ query, const T* __restrict__ key, const T* __restrict__ value,
     T* __restrict__ key_cache, T* __restrict__ value_cache, const int* __restrict__ cum,
     const int* __restrict__ past, const int* __restrict__ block_table,
-    const T* __restrict__ cos_cache, const T* __restrict__ sin_cache, T* __restrict__ q_out,
+    const int* __restrict__ fault, const T* __restrict__ cos_cache,
+    const T* __restrict__ sin_cache, T* __restrict__ q_out,
     int num_tokens, int batch, int num_heads, int kv_heads, int head_size, int block_size,
     int num_blocks, int max_blocks, int rotary_dim, int cos_rows, int packed, int do_rotary,
     int interleaved, int write_q) {
-  if (batch <= 0) return;
+  if (batch <= 0 || guard::batch_faulted(fault, batch)) return;
   const PagedKV<T> kv{key_cache, value_cache, block_table, num_blocks, block_size, kv_heads,
                       head_size, max_blocks};
   const int chunks = head_size / 8;
@@ -51,6 +56,7 @@ __device__ __forceinline__ void run(
     const int s = static_cast<int>(ts % slots);
     const long long t = ts / slots;
     const int b = seq.seek(t);
+    if (guard::sequence_faulted(fault, b)) continue;
     const long long p = past[b] + (t - seq.begin);  // absolute position of token t
 
     // role 0: Q head h, 1: K head h, 2: V head h; `head` points at its H input channels.

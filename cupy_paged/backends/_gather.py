@@ -6,17 +6,22 @@ Variants: ``gather_kv_f16`` (sm50+) and ``gather_kv_bf16`` (sm80+). CuPy is impo
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from ..jit import get_function
 from ._launch import THREADS, check_aligned, grid_size, register_per_dtype, variant
 
+_NO_FAULT = np.uint64(0)  # a null fault pointer: no guard ran
+
 _GATHER_ARGS = (
     "const {T}* key_cache, const {T}* value_cache, const int* block_table, "
-    "const int* seqstart_k, {T}* k_packed, {T}* v_packed, int batch, int kv_num_heads, "
-    "int head_size, int block_size, int num_blocks, int max_blocks, int rows_bound")
-_GATHER_CALL = ("key_cache, value_cache, block_table, seqstart_k, k_packed, v_packed, batch, "
-                "kv_num_heads, head_size, block_size, num_blocks, max_blocks, rows_bound")
+    "const int* seqstart_k, const int* fault, {T}* k_packed, {T}* v_packed, int batch, "
+    "int kv_num_heads, int head_size, int block_size, int num_blocks, int max_blocks, "
+    "int rows_bound")
+_GATHER_CALL = ("key_cache, value_cache, block_table, seqstart_k, fault, k_packed, v_packed, "
+                "batch, kv_num_heads, head_size, block_size, num_blocks, max_blocks, rows_bound")
 _INT32_MAX = 2**31 - 1
 
 
@@ -29,10 +34,13 @@ SPECS = register_per_dtype("gather_kv", "mea/gather.cu", _GATHER_ARGS,
                            f"cupy_paged::mea::gather_kv<{{T}}>({_GATHER_CALL});")
 
 
-def kv_seqstarts(problem, cum, past):
+def kv_seqstarts(problem, cum, past, fault=None):
     """seqstart_k, int32 (B+1,): 0, then the running sum of past[b] + q_len[b].
 
     cum: cumulative_sequence_length (B+1,) int32; past: past_seqlens (B,) int32, on the GPU.
+    fault: the metadata guard's int32 (B+1,) verdict, or None. With it, a faulted sequence
+    (every one when fault[B] != 0) counts 0 rows, so its garbage lengths never shift the
+    others' rows, and so does a sequence with no new token (no query reads its keys).
     Row seqstart_k[b] + k of the gathered K/V is position k of sequence b. Device-side cumsum
     (CuPy's own scan), no synchronisation; the total must stay below 2^31 rows.
     """
@@ -40,19 +48,36 @@ def kv_seqstarts(problem, cum, past):
 
     seqstart_k = cupy.zeros(problem.batch + 1, dtype=cupy.int32)
     if problem.batch:
-        seqlens = past + (cum[1:] - cum[:-1])
+        if fault is None:
+            seqlens = past + (cum[1:] - cum[:-1])
+        else:
+            seqlens = _kv_lens()(cum[:-1], cum[1:], past, fault[:-1], fault[-1:])
         seqstart_k[1:] = cupy.cumsum(seqlens, dtype=cupy.int32)
     return seqstart_k
 
 
-def gather_kv(problem, a, seqstart_k, rows_bound):
+@functools.cache
+def _kv_lens():
+    """past + q_len per sequence; 0 where the guard faulted it or the batch, or q_len is 0:
+    one fused kernel."""
+    import cupy
+
+    return cupy.ElementwiseKernel(
+        "int32 begin, int32 end, int32 past, int32 fault, int32 batch_fault", "int32 kv_len",
+        "kv_len = (fault | batch_fault) != 0 || end <= begin ? 0 : past + (end - begin)",
+        "cupy_paged_kv_lens")
+
+
+def gather_kv(problem, a, seqstart_k, rows_bound, fault=None):
     """(k_packed, v_packed), each (rows_bound, Nkv, H) in the cache dtype.
 
     a: the CuPy arrays by argument name (key_cache, value_cache, block_table are read);
     seqstart_k: ``kv_seqstarts``' (B+1,) int32; rows_bound: a host-known bound on
     seqstart_k[B] (the grid is sized from it). Rows below min(seqstart_k[B], rows_bound) hold
     the cache rows through the block table, zeros where the block is -1; rows past the real
-    total are left uninitialised. Launches on the current stream; never synchronises.
+    total are left uninitialised. fault: the guard's int32 (B+1,) verdict, or None: faulted
+    sequences' rows (all rows when fault[B] != 0) are left as they are. Launches on the
+    current stream; never synchronises.
     """
     import cupy
 
@@ -68,7 +93,8 @@ def gather_kv(problem, a, seqstart_k, rows_bound):
     check_aligned(key_cache=key_cache, value_cache=value_cache)
     kernel = get_function(gather_name(problem.dtype))
     kernel((grid_size(rows_bound * Nkv * (H // 8)),), (THREADS,), (
-        key_cache, value_cache, a["block_table"], seqstart_k, k_packed, v_packed,
+        key_cache, value_cache, a["block_table"], seqstart_k, _NO_FAULT if fault is None else fault,
+        k_packed, v_packed,
         np.int32(problem.batch), np.int32(Nkv), np.int32(H), np.int32(problem.block_size),
         np.int32(problem.num_blocks), np.int32(problem.max_blocks),
         np.int32(min(rows_bound, _INT32_MAX))))

@@ -74,7 +74,7 @@ def workspace_elements(problem) -> int:
 
 
 def launch_fmha(problem, q, q_row_stride, k_packed, v_packed, out, out_accum, cu_q, cu_k,
-                block_table, max_seqlen_q, sm):
+                block_table, max_seqlen_q, sm, fault=None):
     """Launch the paged fMHA on the current CuPy stream (asynchronous; no host sync).
 
     q: (T, N, H) rows with row stride ``q_row_stride`` elements (e.g. a packed QKV buffer).
@@ -83,7 +83,10 @@ def launch_fmha(problem, q, q_row_stride, k_packed, v_packed, out, out_accum, cu
     ``workspace_elements(problem)`` elements, or None when that is 0. cu_q, cu_k: int32 (B+1,);
     block_table: int32 (B, max_blocks). max_seqlen_q: host-known bound on every q_len.
     ``sm`` picks the arch tag (pass a lower one to force e.g. the Sm75 kernel); the cubin is
-    built for the current device. 16-bit arrays may be float16, bfloat16 or their uint16 bits.
+    built for the current device. fault: the metadata guard's int32 (B+1,) verdict, or None:
+    blocks of a faulted sequence (all when fault[B] != 0) return at once and write nothing.
+    Whatever cu_q / cu_k hold, a block runs only if its query rows lie within q's and out's
+    rows and its key rows within k_packed's and v_packed's (and the table's capacity). 16-bit arrays may be float16, bfloat16 or their uint16 bits.
     The first launch per (device, variant) compiles or loads the cubin and reads its launch
     info back (one small device-to-host copy): do it before capturing a CUDA graph.
     """
@@ -106,10 +109,13 @@ def launch_fmha(problem, q, q_row_stride, k_packed, v_packed, out, out_accum, cu
     accum = out_accum if need else numpy.uint64(0)  # NULL: the kernel never touches it
     kernel(grid, (32, threads // 32, 1),
            (q, numpy.int64(q_row_stride), k_packed, v_packed, out, accum, cu_q, cu_k,
-            block_table, numpy.int32(problem.max_blocks), numpy.int32(problem.block_size),
+            block_table, numpy.uint64(0) if fault is None else fault,
+            numpy.int32(problem.max_blocks), numpy.int32(problem.block_size),
             numpy.int32(problem.num_heads), numpy.int32(problem.kv_num_heads),
             numpy.int32(problem.head_size), numpy.float32(problem.scale),
-            numpy.float32(problem.softcap), numpy.int32(problem.window)),
+            numpy.float32(problem.softcap), numpy.int32(problem.window),
+            numpy.int64(min(q.shape[0], out.shape[0])),
+            numpy.int64(min(k_packed.shape[0], v_packed.shape[0]))),
            shared_mem=smem)
 
 

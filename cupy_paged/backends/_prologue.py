@@ -11,18 +11,20 @@ import numpy as np
 from ..jit import get_function
 from ._launch import THREADS, check_aligned, grid_size, register_per_dtype, variant
 
+_NO_FAULT = np.uint64(0)  # a null fault pointer: no guard ran
+
 _PROLOGUE_ARGS = (
     "const {T}* query, const {T}* key, const {T}* value, {T}* key_cache, {T}* value_cache, "
     "const int* cumulative_sequence_length, const int* past_seqlens, const int* block_table, "
-    "const {T}* cos_cache, const {T}* sin_cache, {T}* q_out, int num_tokens, int batch, "
-    "int num_heads, int kv_num_heads, int head_size, int block_size, int num_blocks, "
-    "int max_blocks, int rotary_dim, int cos_rows, int packed, int do_rotary, int interleaved, "
-    "int write_q")
+    "const int* fault, const {T}* cos_cache, const {T}* sin_cache, {T}* q_out, "
+    "int num_tokens, int batch, int num_heads, int kv_num_heads, int head_size, "
+    "int block_size, int num_blocks, int max_blocks, int rotary_dim, int cos_rows, int packed, "
+    "int do_rotary, int interleaved, int write_q")
 _PROLOGUE_CALL = (
     "query, key, value, key_cache, value_cache, cumulative_sequence_length, past_seqlens, "
-    "block_table, cos_cache, sin_cache, q_out, num_tokens, batch, num_heads, kv_num_heads, "
-    "head_size, block_size, num_blocks, max_blocks, rotary_dim, cos_rows, packed, do_rotary, "
-    "interleaved, write_q")
+    "block_table, fault, cos_cache, sin_cache, q_out, num_tokens, batch, num_heads, "
+    "kv_num_heads, head_size, block_size, num_blocks, max_blocks, rotary_dim, cos_rows, packed, "
+    "do_rotary, interleaved, write_q")
 
 
 def prologue_name(dtype):
@@ -34,12 +36,14 @@ SPECS = register_per_dtype("prologue", "prologue/prologue.cu", _PROLOGUE_ARGS,
                            f"cupy_paged::prologue::run<{{T}}>({_PROLOGUE_CALL});")
 
 
-def run_prologue(problem, a):
+def run_prologue(problem, a, fault=None):
     """Unpack, rotate and write the caches; returns the (T, N*H) query to attend with.
 
     problem: the call's ``_validate.Problem``; a: the CuPy arrays by argument name (query, key,
     value, key_cache, value_cache, cumulative_sequence_length, past_seqlens, block_table,
     cos_cache, sin_cache; key/value/cos/sin may be None). The caches are written in place.
+    fault: the metadata guard's int32 (B+1,) verdict (``_guard.run_guard``), or None: tokens of
+    a faulted sequence (every token when fault[B] != 0) are neither rotated nor written.
     Returns ``a["query"]`` itself when it is neither packed nor rotated, else a new (T, N*H)
     array. Launches on the current stream; never synchronises.
     """
@@ -61,7 +65,7 @@ def run_prologue(problem, a):
     kernel = get_function(prologue_name(problem.dtype))
     kernel((grid_size(items),), (THREADS,), (
         query, key, value, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
-        a["past_seqlens"], a["block_table"], cos, sin, q,
+        a["past_seqlens"], a["block_table"], _NO_FAULT if fault is None else fault, cos, sin, q,
         np.int32(T), np.int32(problem.batch), np.int32(N), np.int32(Nkv), np.int32(H),
         np.int32(problem.block_size), np.int32(problem.num_blocks), np.int32(problem.max_blocks),
         np.int32(problem.rotary_dim if problem.do_rotary else 0),

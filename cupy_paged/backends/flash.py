@@ -17,7 +17,7 @@ _workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), g
 def _run(problem, adopted, out, fault=None):
     xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
     device = a["query"].device.id
-    q = _prologue.run_prologue(problem, a)  # TODO(guard): pass fault
+    q = _prologue.run_prologue(problem, a, fault)
     splits = _flash_kernels.launch_plan(problem, sm, device).splits
     workspace = _workspace(xp, device, problem, splits) if splits > 1 else None
     _flash_kernels.launch_flash(
