@@ -181,6 +181,60 @@ def test_call_on_the_second_gpu_while_the_first_is_current(backend):
         assert np.array_equal(a_host.view(np.uint16), b.get().view(np.uint16)), name
 
 
+def _head_shard(dev, kw, part, device):
+    """CALLS-style (args, kwargs) of kv heads [part * Nkv/2, (part + 1) * Nkv/2) and their query
+    heads, copied onto GPU ``device`` (the tensor-parallel split of one call)."""
+    import cupy
+
+    N, Nkv = kw["num_heads"], kw["kv_num_heads"]
+    q, k, v, kc, vc = dev[:5]
+    H = kc.shape[-1]
+    T = q.shape[0]
+    n = slice(part * N // 2, (part + 1) * N // 2)
+    nkv = slice(part * Nkv // 2, (part + 1) * Nkv // 2)
+    host = [q.reshape(T, N, H)[:, n].reshape(T, -1), k.reshape(T, Nkv, H)[:, nkv].reshape(T, -1),
+            v.reshape(T, Nkv, H)[:, nkv].reshape(T, -1), kc[:, :, nkv], vc[:, :, nkv]]
+    host = [x.get() for x in host] + [None if x is None else x.get() for x in dev[5:]]
+    with cupy.cuda.Device(device):
+        shard = [None if x is None else cupy.asarray(np.ascontiguousarray(x)) for x in host]
+    return shard, dict(kw, num_heads=N // 2, kv_num_heads=Nkv // 2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash", "mea"])
+@pytest.mark.parametrize("index", [0, 1])
+def test_heads_sharded_across_two_gpus_match_one_gpu(backend, index):
+    """Half the kv heads (and their query heads) on each GPU, as tensor parallelism splits a
+    layer: the two outputs side by side equal the one-GPU call within the fp16 budget (the
+    split-KV planner may choose differently for half the heads), and each GPU's caches equal
+    its heads' slice of the one-GPU caches bit for bit."""
+    import cupy
+
+    import cupy_paged
+
+    _two_gpus()
+    dev, kw = _device_call(index)
+    want_out, want_kc, want_vc = (x.get() for x in _call(dev, kw, backend))
+    T, N, H = want_out.shape[0], kw["num_heads"], dev[3].shape[-1]
+    Nkv = kw["kv_num_heads"]
+    got = []
+    for part in (0, 1):
+        shard, skw = _head_shard(dev, kw, part, part)
+        with cupy.cuda.Device(part):
+            out = cupy_paged.paged_attention(*shard, **skw, backend=backend)
+            got.append((out.get(), shard[3].get(), shard[4].get()))
+            assert out.device.id == part
+    out = np.concatenate([g[0].reshape(T, N // 2, H) for g in got], axis=1).astype(np.float32)
+    want = want_out.reshape(T, N, H).astype(np.float32)
+    err = np.linalg.norm(out - want) / max(np.linalg.norm(want), 1e-30)
+    assert np.isfinite(out).all() and err <= 2e-3, f"{backend} call {index}: rel err {err:.2e}"
+    for part, g in enumerate(got):
+        nkv = slice(part * Nkv // 2, (part + 1) * Nkv // 2)
+        for name, have, full in (("key_cache", g[1], want_kc), ("value_cache", g[2], want_vc)):
+            assert np.array_equal(have.view(np.uint16), full[:, :, nkv].view(np.uint16)), (
+                f"{backend} call {index}: GPU {part} {name}")
+
+
 # ---------------------------------------------------------------- damaged cubin, then load
 
 
