@@ -3,8 +3,8 @@ cache in place (``cuda_src/flash/``), with split-KV for long contexts and few wo
 
 No device->host synchronisation: grids, split counts and workspaces come from host-known
 shapes, so a call can be captured in a CUDA graph. The split-KV workspace is kept per
-(device, stream) and only grows, so a captured graph's workspace stays alive and calls on
-different streams never share one.
+(device, stream) and only grows (outgrown buffers are kept), so a captured graph's workspace
+stays alive and calls on different streams never share one.
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from . import _flash_kernels, _prologue
 from .base import Backend, Capabilities
 
 _workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), grow-only
+_retired: list = []     # outgrown workspaces, kept alive for graphs captured before the growth
 
 
 def _run(problem, adopted, out, fault=None):
@@ -34,6 +35,8 @@ def _workspace(xp, device, problem, splits):
     if held is None or held[0].size < n_o or held[1].size < n_lse:
         n_o, n_lse = max(n_o, 0 if held is None else held[0].size), max(
             n_lse, 0 if held is None else held[1].size)
+        if held is not None:
+            _retired.append(held)  # a graph captured earlier may still point into it
         held = (xp.empty(n_o, dtype=xp.float32), xp.empty(n_lse, dtype=xp.float32))
         _workspaces[key] = held
     return held
