@@ -1,4 +1,5 @@
-"""Shared test setup: the `gpu` marker skips cleanly on machines without a CUDA GPU."""
+"""Shared test setup: the `gpu` marker skips cleanly on machines without a CUDA GPU; a
+private kernel cache per module (`cache_dir`)."""
 import functools
 
 import pytest
@@ -20,3 +21,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """A private compile cache for one test module (CPU compiles and GPU loads alike), also in
+    os.environ. Modules that compile take it with ``pytestmark = pytest.mark.usefixtures(
+    "cache_dir")`` or as an argument."""
+    with pytest.MonkeyPatch.context() as mp:
+        path = tmp_path_factory.mktemp("cupy_paged_cache")
+        mp.setenv("CUPY_PAGED_CACHE_DIR", str(path))
+        yield path

@@ -25,13 +25,7 @@ except ImportError:
                                poison_pool, prepare, problem_of, skip_unless_sm, to_device, ulps)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def cache_dir(tmp_path_factory):
-    """A private compile cache for this module (CPU compiles and GPU loads alike)."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cupy_paged_cache")
-        mp.setenv("CUPY_PAGED_CACHE_DIR", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("cache_dir")  # conftest: a private kernel cache
 
 
 def seqlens_of(prep):

@@ -25,13 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 CODES = REPO / "cuda_src" / "guard" / "fault_codes.cuh"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def cache_dir(tmp_path_factory):
-    """A private compile cache for this module."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cupy_paged_cache")
-        mp.setenv("CUPY_PAGED_CACHE_DIR", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("cache_dir")  # conftest: a private kernel cache
 
 
 # ---------------------------------------------------------------- NVRTC builds

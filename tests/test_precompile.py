@@ -25,15 +25,6 @@ MODEL = ["--arch", "sm_80", "--dtype", "float16", "--head-size", "128",
          "--num-heads", "32", "--kv-heads", "8"]
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """One cache for the module (builds reuse each other's kernels), also in os.environ."""
-    path = tmp_path_factory.mktemp("precompile_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("CUPY_PAGED_CACHE_DIR", str(path))
-        yield path
-
-
 def _env(cache_dir, **extra):
     """The environment of a subprocess: this checkout, ``cache_dir``, no CUPY_PAGED_QUIET."""
     env = {k: v for k, v in os.environ.items() if k != "CUPY_PAGED_QUIET"}

@@ -36,13 +36,7 @@ ARG_NAMES = ("query", "key", "value", "key_cache", "value_cache", "cumulative_se
 POISON = 0xFFFF  # a NaN in both fp16 and bf16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def cache_dir(tmp_path_factory):
-    """A private compile cache for this module (CPU compiles and GPU loads alike)."""
-    with pytest.MonkeyPatch.context() as mp:
-        path = tmp_path_factory.mktemp("cupy_paged_cache")
-        mp.setenv("CUPY_PAGED_CACHE_DIR", str(path))
-        yield path
+pytestmark = pytest.mark.usefixtures("cache_dir")  # conftest: a private kernel cache
 
 
 # ---------------------------------------------------------------- 16-bit data on the host

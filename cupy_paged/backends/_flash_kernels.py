@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..jit import KernelSpec, get_function, register
-from ._launch import sm_count
+from ._launch import NULL, sm_count
 
 # Instantiated (padded) head sizes; H % 8 == 0 pads up to the next one (32, 40 -> 64).
 HEAD_SIZES = (64, 80, 96, 128, 160, 192, 256)
@@ -28,7 +28,6 @@ _SMEM_PER_SM = {80: 167936, 86: 102400, 87: 167936, 89: 102400, 90: 233472, 100:
 _SMALL_SMEM_SMS = frozenset({86, 89, 120, 121})  # ~100 KB per block: the sm86 tile class
 _LOG2E = math.log2(math.e)
 _COMBINE_THREADS = 256
-_NULL = np.uint64(0)  # a null pointer argument (no guard flags)
 _MAX_SPLITS = 64
 _MAX_WORKSPACE_BYTES = 256 << 20
 
@@ -366,7 +365,7 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
                                  f"{lse_shape} (see workspace_shape)")
     else:
         partial_o = partial_lse = out  # never dereferenced with num_splits == 1
-    fault_arg = _NULL if fault is None else fault
+    fault_arg = NULL if fault is None else fault
     fwd(plan.grid, plan.block,
         (q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse)
         + plan.scalars + (fault_arg,), shared_mem=plan.smem)

@@ -11,9 +11,7 @@ import functools
 import numpy as np
 
 from ..jit import get_function
-from ._launch import THREADS, check_aligned, grid_size, register_per_dtype, variant
-
-_NO_FAULT = np.uint64(0)  # a null fault pointer: no guard ran
+from ._launch import NULL, THREADS, check_aligned, grid_size, register_per_dtype, variant
 
 _GATHER_ARGS = (
     "const {T}* key_cache, const {T}* value_cache, const int* block_table, "
@@ -93,7 +91,7 @@ def gather_kv(problem, a, seqstart_k, rows_bound, fault=None):
     check_aligned(key_cache=key_cache, value_cache=value_cache)
     kernel = get_function(gather_name(problem.dtype))
     kernel((grid_size(rows_bound * Nkv * (H // 8)),), (THREADS,), (
-        key_cache, value_cache, a["block_table"], seqstart_k, _NO_FAULT if fault is None else fault,
+        key_cache, value_cache, a["block_table"], seqstart_k, NULL if fault is None else fault,
         k_packed, v_packed,
         np.int32(problem.batch), np.int32(Nkv), np.int32(H), np.int32(problem.block_size),
         np.int32(problem.num_blocks), np.int32(problem.max_blocks),

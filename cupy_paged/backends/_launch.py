@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import functools
 
+import numpy as np
+
 from ..jit import KernelSpec, register
 
+NULL = np.uint64(0)  # a null pointer kernel argument (no guard flags, no workspace)
 THREADS = 256
 # Resident 256-thread blocks per SM at full occupancy (2048 threads/SM on sm70..sm90): the
 # grid-stride loops need no more blocks than one full wave.

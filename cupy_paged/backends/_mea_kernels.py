@@ -14,6 +14,8 @@ import numpy
 
 from cupy_paged.jit import KernelSpec, register
 
+from ._launch import NULL
+
 ARCH_TAGS = (50, 70, 75, 80)          # CUTLASS arch tags with an fMHA configuration
 ANY_HEAD = 1 << 16                    # kMaxK of the tile that streams the output via gmem
 _DTYPES = {"float16": ("f16", "cutlass::half_t"), "bfloat16": ("bf16", "cutlass::bfloat16_t")}
@@ -106,10 +108,10 @@ def launch_fmha(problem, q, q_row_stride, k_packed, v_packed, out, out_accum, cu
                          f"{problem.batch}; split the batch")
     kernel, smem, threads = _kernel(cupy.cuda.Device().id, name)
     grid = ((int(max_seqlen_q) + tile_q - 1) // tile_q, problem.num_heads, problem.batch)
-    accum = out_accum if need else numpy.uint64(0)  # NULL: the kernel never touches it
+    accum = out_accum if need else NULL  # the kernel never touches it
     kernel(grid, (32, threads // 32, 1),
            (q, numpy.int64(q_row_stride), k_packed, v_packed, out, accum, cu_q, cu_k,
-            block_table, numpy.uint64(0) if fault is None else fault,
+            block_table, NULL if fault is None else fault,
             numpy.int32(problem.max_blocks), numpy.int32(problem.block_size),
             numpy.int32(problem.num_heads), numpy.int32(problem.kv_num_heads),
             numpy.int32(problem.head_size), numpy.float32(problem.scale),

@@ -9,9 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..jit import get_function
-from ._launch import THREADS, check_aligned, grid_size, register_per_dtype, variant
-
-_NO_FAULT = np.uint64(0)  # a null fault pointer: no guard ran
+from ._launch import NULL, THREADS, check_aligned, grid_size, register_per_dtype, variant
 
 _PROLOGUE_ARGS = (
     "const {T}* query, const {T}* key, const {T}* value, {T}* key_cache, {T}* value_cache, "
@@ -65,7 +63,7 @@ def run_prologue(problem, a, fault=None):
     kernel = get_function(prologue_name(problem.dtype))
     kernel((grid_size(items),), (THREADS,), (
         query, key, value, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
-        a["past_seqlens"], a["block_table"], _NO_FAULT if fault is None else fault, cos, sin, q,
+        a["past_seqlens"], a["block_table"], NULL if fault is None else fault, cos, sin, q,
         np.int32(T), np.int32(problem.batch), np.int32(N), np.int32(Nkv), np.int32(H),
         np.int32(problem.block_size), np.int32(problem.num_blocks), np.int32(problem.max_blocks),
         np.int32(problem.rotary_dim if problem.do_rotary else 0),
