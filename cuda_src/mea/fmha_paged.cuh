@@ -168,10 +168,17 @@ struct PagedFmha {
       const TileMask mask{blk.causal_shift + blk.first_row - key0, a.window,
                           all_ok ? nullptr : smem.key_ok[parity]};
       all_ok = next_all_ok;
+      const bool masked = !mask.covers_tile(kQ, kK);  // uniform over the block
       if (map.capped) {
-        Softmax::template logits_and_max<true>(scores, lane_offset, map, mask, s, lane);
+        if (masked) {
+          Softmax::template logits_and_max<true, true>(scores, lane_offset, map, mask, s, lane);
+        } else {
+          Softmax::template logits_and_max<true, false>(scores, lane_offset, map, mask, s, lane);
+        }
+      } else if (masked) {
+        Softmax::template logits_and_max<false, true>(scores, lane_offset, map, mask, s, lane);
       } else {
-        Softmax::template logits_and_max<false>(scores, lane_offset, map, mask, s, lane);
+        Softmax::template logits_and_max<false, false>(scores, lane_offset, map, mask, s, lane);
       }
       __syncthreads();
       Softmax::rescale_factors(s, lane, warp);

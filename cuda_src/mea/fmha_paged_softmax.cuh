@@ -26,6 +26,14 @@ struct TileMask {
   int last_shift;       // kv_len - q_len + query_start - key_tile_start
   int window;           // W > 0: sliding window of W keys; <= 0: none
   const bool* key_ok;   // (kKeysPerBlock,) in shared memory; null: every key of the tile is usable
+
+  // Whether every column of a (rows x cols) tile is visible to every row: no unmapped key,
+  // row 0 sees column cols - 1 (causal), and row rows - 1 still sees column 0 (window).
+  // Then the tile needs no per-element mask (most key tiles of a long prefill).
+  __device__ __forceinline__ bool covers_tile(int rows, int cols) const {
+    return key_ok == nullptr && last_shift >= cols - 1 &&
+           (window <= 0 || rows - 1 + last_shift - window + 1 <= 0);
+  }
 };
 
 // Score transform, constant over the launch. Logits are kept in base 2 (exp2f is one
@@ -82,7 +90,9 @@ struct OnlineSoftmaxTile {
   }
 
   // scores (raw q.k) -> masked log2 logits in place; row maxima merged into s.mi.
-  template <bool kCapped>
+  // kMasked = false: the caller knows every (row, column) of the tile is visible
+  // (TileMask::covers_tile), and the per-element mask tests are left out.
+  template <bool kCapped, bool kMasked>
   __device__ __forceinline__ static void logits_and_max(
       Scores& scores, cutlass::MatrixCoord lane_offset, ScoreMap map, TileMask mask,
       typename AK::SharedStorage& s, int lane) {
@@ -97,7 +107,8 @@ struct OnlineSoftmaxTile {
         },
         [&](int m, int n, int idx) {
           accum_t x = neg_inf();
-          if (n >= first && n <= last && (mask.key_ok == nullptr || mask.key_ok[n])) {
+          if (!kMasked ||
+              (n >= first && n <= last && (mask.key_ok == nullptr || mask.key_ok[n]))) {
             // scale first, then cap: softcap * tanh(scale * qk / softcap)
             x = kCapped ? map.cap_log2 * tanhf(scores[idx] * map.qk_factor)
                         : scores[idx] * map.qk_factor;
