@@ -194,6 +194,32 @@ def _kernel_tiles(cum, past, G, bm, bn, window, splits):
     return out
 
 
+def test_flash_scalars_travel_as_one_struct_in_field_order():
+    """The plan's scalars are one (1,) structured array whose fields mirror the generated C
+    struct (4-byte fields, no padding), filled from the problem; 11 kernel arguments in all."""
+    problem = make_problem(T=70, B=3, N=32, Nkv=8, H=128, bs=48, num_blocks=200,
+                           max_blocks=40, softcap=30.0, window=100)
+    plan = fk._plan(problem, 90, 132, 3)
+    s = plan.scalars
+    assert s.shape == (1,) and s.dtype == fk.FWD_SCALARS.dtype
+    assert s.dtype.itemsize == 4 * len(fk.FWD_SCALARS.fields)
+    assert list(s.dtype.names) == [name for _, name in fk.FWD_SCALARS.fields]
+    bs, shift, magic, magic_shift = fk.block_divisor(48)
+    want = dict(num_tokens=70, batch=3, num_heads=32, kv_heads=8, head_size=128, group=4,
+                block_size=bs, block_shift=shift, block_magic=magic,
+                block_magic_shift=magic_shift, num_blocks=200, max_blocks=40, window=100,
+                num_splits=3)
+    for name, value in want.items():
+        assert int(s[0][name]) == value, name
+    assert math.isclose(float(s[0]["cap_in"]), problem.scale / 30.0, rel_tol=1e-6)
+    assert math.isclose(float(s[0]["cap_out"]), 30.0 * math.log2(math.e), rel_tol=1e-6)
+    spec_entry = fk._register_fwd("float16", fk.problem_tile(problem, 90))
+    from cupy_paged.jit import get_spec
+    code = get_spec(spec_entry).entry_code
+    assert fk.FWD_SCALARS.definition in code and "const FwdScalars scalars" in code
+    assert code.count("*") - fk.FWD_SCALARS.definition.count("*") == len(fk.FWD_POINTERS) + 1
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_flash_tile_arithmetic_covers_every_row_and_visible_key(seed):
     rng = np.random.default_rng(seed)

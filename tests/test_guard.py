@@ -206,5 +206,9 @@ def test_guard_launch_scalars_are_cached_per_problem():
     grid, scalars = _guard._launch_scalars(problem)
     assert _guard._launch_scalars(problem)[1] is scalars
     assert grid == (3,)  # 4 sequences per block
-    assert [int(x) for x in scalars] == [10, 9, 32, 16, 2**31 - 1, 8, 100, -1, 2**63 - 1, 50]
-    assert [x.dtype.itemsize for x in scalars] == [8, 4, 8, 4, 4, 4, 8, 8, 8, 8]
+    (packed,) = scalars                      # one struct passed by value
+    assert packed.shape == (1,) and packed.dtype == _guard.SCALARS.dtype
+    assert [int(packed[0][n]) for _, n in _guard.SCALARS.fields] == [
+        10, 9, 32, 16, 2**31 - 1, 8, 100, -1, 2**63 - 1, 50]
+    assert [packed.dtype.fields[n][0].itemsize for _, n in _guard.SCALARS.fields] == [
+        8, 4, 8, 4, 4, 4, 8, 8, 8, 8]

@@ -321,20 +321,19 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   }
 }
 
-// The generated extern "C" entries forward their flat arguments here (the order of
-// _flash_kernels.FWD_PARAMS).
-template <class Tr>
+// The generated extern "C" entries forward their arguments here: the pointers, then the
+// scalars as one struct passed by value (S = the entry's generated FwdScalars, whose fields
+// _flash_kernels.FWD_SCALARS lists), then the guard's flags.
+template <class Tr, class S>
 __device__ __forceinline__ void fwd_entry(
     const void* q, const void* key_cache, const void* value_cache, const int* cum,
     const int* past, const int* block_table, void* out, float* partial_o, float* partial_lse,
-    int num_tokens, int batch, int num_heads, int kv_heads, int head_size, int group,
-    int block_size, int block_shift, unsigned block_magic, int block_magic_shift, int num_blocks,
-    int max_blocks, float scale_log2, float cap_in, float cap_out, int window, int num_splits,
-    const int* fault) {
+    const S& s, const int* fault) {
   FwdParams p{q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse,
-              num_tokens, batch, num_heads, kv_heads, head_size, group,
-              BlockDiv{block_size, block_shift, block_magic, block_magic_shift},
-              num_blocks, max_blocks, scale_log2, cap_in, cap_out, window, num_splits, fault};
+              s.num_tokens, s.batch, s.num_heads, s.kv_heads, s.head_size, s.group,
+              BlockDiv{s.block_size, s.block_shift, s.block_magic, s.block_magic_shift},
+              s.num_blocks, s.max_blocks, s.scale_log2, s.cap_in, s.cap_out, s.window,
+              s.num_splits, fault};
   fwd<Tr>(p);
 }
 

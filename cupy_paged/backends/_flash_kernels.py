@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..jit import KernelSpec, get_function, register
-from ._launch import NULL, sm_count
+from ._launch import NULL, ScalarStruct, sm_count
 
 # Instantiated (padded) head sizes; H % 8 == 0 pads up to the next one (32, 40 -> 64).
 HEAD_SIZES = (64, 80, 96, 128, 160, 192, 256)
@@ -31,18 +31,21 @@ _COMBINE_THREADS = 256
 _MAX_SPLITS = 64
 _MAX_WORKSPACE_BYTES = 256 << 20
 
-# The kernel's flat parameters, in order: (C type, name). T* becomes void* here and the
-# entry forwards them to cupy_paged::flash::fwd_entry.
-FWD_PARAMS = (
+# The forward kernel's pointer parameters, in order: (C type, name). T* becomes void* here and
+# the entry forwards them to cupy_paged::flash::fwd_entry.
+FWD_POINTERS = (
     ("const void*", "q"), ("const void*", "key_cache"), ("const void*", "value_cache"),
     ("const int*", "cum"), ("const int*", "past"), ("const int*", "block_table"),
     ("void*", "out"), ("float*", "partial_o"), ("float*", "partial_lse"),
+)
+# Its scalars travel as one struct passed by value (_launch.ScalarStruct).
+FWD_SCALARS = ScalarStruct("FwdScalars", (
     ("int", "num_tokens"), ("int", "batch"), ("int", "num_heads"), ("int", "kv_heads"),
     ("int", "head_size"), ("int", "group"), ("int", "block_size"), ("int", "block_shift"),
     ("unsigned", "block_magic"), ("int", "block_magic_shift"), ("int", "num_blocks"),
     ("int", "max_blocks"), ("float", "scale_log2"), ("float", "cap_in"), ("float", "cap_out"),
-    ("int", "window"), ("int", "num_splits"), ("const int*", "fault"),
-)
+    ("int", "window"), ("int", "num_splits"),
+))
 
 
 @dataclass(frozen=True)
@@ -139,10 +142,12 @@ def _register_fwd(dtype, tile):
     limit = "kSmemSm80" if tile.arch == "sm80" else "kSmemSm86"
     traits = (f"cupy_paged::flash::Traits<{ctype}, {tile.head}, {tile.bm}, {tile.bn}, "
               f"{tile.warps}, {tile.stages}, cupy_paged::flash::{limit}>")
-    params = ",\n    ".join(f"{t} {n}" for t, n in FWD_PARAMS)
-    args = ", ".join(n for _, n in FWD_PARAMS)
-    entry = (f'extern "C" __global__ void __launch_bounds__({tile.threads})\n{name}(\n'
-             f"    {params}) {{\n  cupy_paged::flash::fwd_entry<{traits}>({args});\n}}\n")
+    params = ",\n    ".join(f"{t} {n}" for t, n in FWD_POINTERS)
+    args = ", ".join(n for _, n in FWD_POINTERS)
+    entry = (FWD_SCALARS.definition +
+             f'extern "C" __global__ void __launch_bounds__({tile.threads})\n{name}(\n'
+             f"    {params},\n    const FwdScalars scalars, const int* fault) {{\n"
+             f"  cupy_paged::flash::fwd_entry<{traits}>({args}, scalars, fault);\n}}\n")
     register(KernelSpec(name, "flash/flash.cu", entry, min_arch=80))
     return name
 
@@ -265,7 +270,7 @@ class _Plan:
     grid: tuple
     block: tuple
     splits: int
-    scalars: tuple
+    scalars: np.ndarray  # (1,) FWD_SCALARS.dtype
     combine_grid: tuple
     combine_scalars: tuple
     batch: np.int32
@@ -285,12 +290,11 @@ def _plan(problem, sm, sm_count, num_splits):
         raise ValueError(f"grid ({grid_x}, {Nkv}, {splits}) exceeds CUDA's limits")
     bs, shift, magic, magic_shift = block_divisor(problem.block_size)
     cap = problem.softcap if problem.softcap > 0 else 0.0
+    scalars = FWD_SCALARS.pack(
+        T, B, N, Nkv, H, G, bs, shift, magic, magic_shift, problem.num_blocks,
+        problem.max_blocks, problem.scale * _LOG2E, problem.scale / cap if cap else 0.0,
+        cap * _LOG2E, problem.window if problem.window > 0 else 0, splits)
     i32 = np.int32
-    scalars = (i32(T), i32(B), i32(N), i32(Nkv), i32(H), i32(G), i32(bs), i32(shift),
-               np.uint32(magic), i32(magic_shift), i32(problem.num_blocks),
-               i32(problem.max_blocks), np.float32(problem.scale * _LOG2E),
-               np.float32(problem.scale / cap if cap else 0.0), np.float32(cap * _LOG2E),
-               i32(problem.window if problem.window > 0 else 0), i32(splits))
     rows = T * N
     combine = _register_combine(problem.dtype)
     items = rows * H // 4
@@ -367,8 +371,8 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
         partial_o = partial_lse = out  # never dereferenced with num_splits == 1
     fault_arg = NULL if fault is None else fault
     fwd(plan.grid, plan.block,
-        (q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse)
-        + plan.scalars + (fault_arg,), shared_mem=plan.smem)
+        (q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse,
+         plan.scalars, fault_arg), shared_mem=plan.smem)
     if plan.splits > 1:
         combine = _kernel(device, plan.combine, 0)
         combine(plan.combine_grid, (_COMBINE_THREADS, 1, 1),

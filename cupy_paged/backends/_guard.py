@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import MetadataError
 from ..jit import KernelSpec, get_function, register
-from ._launch import check_aligned
+from ._launch import ScalarStruct, check_aligned
 
 # Fault bits, bit k = rank k in _validate.check_metadata's order.
 FAULT_CUM_START = 1 << 0       # cumulative_sequence_length[0] != 0 (batch)
@@ -52,16 +52,20 @@ MAX_GRID = 32768               # blocks; warps walk further sequences grid-strid
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 
+# Scalars travel as one struct passed by value (``_launch.ScalarStruct``), packed once per
+# problem by ``_launch_scalars``.
+SCALARS = ScalarStruct("GuardScalars", (
+    ("long long", "num_tokens"), ("int", "batch"), ("long long", "row_chunks"),
+    ("int", "block_size"), ("int", "num_blocks"), ("int", "max_blocks"),
+    ("long long", "cos_rows"), ("long long", "max_seqlen_q"), ("long long", "max_seqlen_k"),
+    ("long long", "total_kv_tokens")))
 _ARGS = ("const int* cum, const int* past, const int* block_table, int* fault, uint4* out, "
-         "unsigned long long* scratch, unsigned long long* word, long long num_tokens, "
-         "int batch, long long row_chunks, int block_size, int num_blocks, int max_blocks, "
-         "long long cos_rows, long long max_seqlen_q, long long max_seqlen_k, "
-         "long long total_kv_tokens")
-_CALL = ("cum, past, block_table, fault, out, scratch, word, num_tokens, batch, row_chunks, "
-         "block_size, num_blocks, max_blocks, cos_rows, max_seqlen_q, max_seqlen_k, "
-         "total_kv_tokens")
+         "unsigned long long* scratch, unsigned long long* word, const GuardScalars s")
+_CALL = ("cum, past, block_table, fault, out, scratch, word, "
+         + ", ".join(f"s.{n}" for _, n in SCALARS.fields))
 SPEC = register(KernelSpec(
     NAME, "guard/guard.cu",
+    SCALARS.definition +
     f"static_assert(cupy_paged::guard::kThreads == {THREADS}, \"_guard.THREADS\");\n"
     f'extern "C" __global__ void __launch_bounds__({THREADS})\n'
     f"{NAME}({_ARGS}) {{\n  cupy_paged::guard::run({_CALL});\n}}\n"))
@@ -294,10 +298,8 @@ def _build_scalars(problem):
         return np.int64(-1 if x is None else min(int(x), _INT64_MAX))
 
     blocks = max(1, min(-(-problem.batch // WARPS), MAX_GRID))
-    return (blocks,), (
-        np.int64(problem.num_tokens), np.int32(problem.batch),
-        np.int64(problem.num_heads * problem.head_size // 8), np.int32(problem.block_size),
-        np.int32(min(problem.num_blocks, _INT32_MAX)), np.int32(problem.max_blocks),
-        np.int64(problem.cos_rows if problem.do_rotary else -1),
-        bound(problem.max_seqlen_q), bound(problem.max_seqlen_k),
-        bound(problem.total_kv_tokens))
+    return (blocks,), (SCALARS.pack(
+        problem.num_tokens, problem.batch, problem.num_heads * problem.head_size // 8,
+        problem.block_size, min(problem.num_blocks, _INT32_MAX), problem.max_blocks,
+        problem.cos_rows if problem.do_rotary else -1, bound(problem.max_seqlen_q),
+        bound(problem.max_seqlen_k), bound(problem.total_kv_tokens)),)

@@ -6,23 +6,24 @@ interleaved are runtime flags (uniform branches). CuPy is imported on first laun
 """
 from __future__ import annotations
 
-import numpy as np
-
 from ..jit import get_function
-from ._launch import NULL, THREADS, check_aligned, grid_size, register_per_dtype, variant
+from ._launch import (NULL, THREADS, ScalarStruct, check_aligned, grid_size,
+                      register_per_dtype, variant)
 
+# Scalars travel as one struct passed by value (``_launch.ScalarStruct``), packed once per
+# problem and device by ``_launch_plan``.
+SCALARS = ScalarStruct("PrologueScalars", tuple(("int", n) for n in (
+    "num_tokens", "batch", "num_heads", "kv_num_heads", "head_size", "block_size", "num_blocks",
+    "max_blocks", "rotary_dim", "cos_rows", "packed", "do_rotary", "interleaved", "write_q")))
 _PROLOGUE_ARGS = (
     "const {T}* query, const {T}* key, const {T}* value, {T}* key_cache, {T}* value_cache, "
     "const int* cumulative_sequence_length, const int* past_seqlens, const int* block_table, "
     "const int* fault, const {T}* cos_cache, const {T}* sin_cache, {T}* q_out, "
-    "int num_tokens, int batch, int num_heads, int kv_num_heads, int head_size, "
-    "int block_size, int num_blocks, int max_blocks, int rotary_dim, int cos_rows, int packed, "
-    "int do_rotary, int interleaved, int write_q")
+    "const PrologueScalars s")
 _PROLOGUE_CALL = (
     "query, key, value, key_cache, value_cache, cumulative_sequence_length, past_seqlens, "
-    "block_table, fault, cos_cache, sin_cache, q_out, num_tokens, batch, num_heads, "
-    "kv_num_heads, head_size, block_size, num_blocks, max_blocks, rotary_dim, cos_rows, packed, "
-    "do_rotary, interleaved, write_q")
+    "block_table, fault, cos_cache, sin_cache, q_out, "
+    + ", ".join(f"s.{n}" for _, n in SCALARS.fields))
 
 
 def prologue_name(dtype):
@@ -31,7 +32,32 @@ def prologue_name(dtype):
 
 
 SPECS = register_per_dtype("prologue", "prologue/prologue.cu", _PROLOGUE_ARGS,
-                           f"cupy_paged::prologue::run<{{T}}>({_PROLOGUE_CALL});")
+                           f"cupy_paged::prologue::run<{{T}}>({_PROLOGUE_CALL});",
+                           preamble=SCALARS.definition)
+
+_plans: dict = {}  # id(problem) -> (problem, device, grid, packed scalars)
+_PLANS_MAX = 256
+
+
+def _launch_plan(problem, device):
+    """(grid, packed PrologueScalars) of ``problem`` on GPU ``device``, built once per Problem
+    object (_validate hands the same object to every call of one signature)."""
+    entry = _plans.get(id(problem))
+    if entry is not None and entry[0] is problem and entry[1] == device:
+        return entry[2], entry[3]
+    T, N, Nkv, H = problem.num_tokens, problem.num_heads, problem.kv_num_heads, problem.head_size
+    write_q = problem.packed or problem.do_rotary
+    items = T * ((N if write_q else 0) + 2 * Nkv) * (H // 8)
+    grid = (grid_size(items, device),)
+    scalars = SCALARS.pack(
+        T, problem.batch, N, Nkv, H, problem.block_size, problem.num_blocks,
+        problem.max_blocks, problem.rotary_dim if problem.do_rotary else 0,
+        problem.cos_rows if problem.do_rotary else 0, problem.packed, problem.do_rotary,
+        problem.rotary_interleaved, write_q)
+    if len(_plans) >= _PLANS_MAX:
+        _plans.clear()
+    _plans[id(problem)] = (problem, device, grid, scalars)
+    return grid, scalars
 
 
 def run_prologue(problem, a, fault=None):
@@ -48,7 +74,7 @@ def run_prologue(problem, a, fault=None):
     import cupy
 
     query = a["query"]
-    T, N, Nkv, H = problem.num_tokens, problem.num_heads, problem.kv_num_heads, problem.head_size
+    T, N, H = problem.num_tokens, problem.num_heads, problem.head_size
     write_q = problem.packed or problem.do_rotary
     q = cupy.empty((T, N * H), dtype=query.dtype) if write_q else query
     if T == 0 or problem.batch == 0:
@@ -59,14 +85,10 @@ def run_prologue(problem, a, fault=None):
     sin = a["sin_cache"] if problem.do_rotary else query
     check_aligned(query=query, key=key, value=value, key_cache=a["key_cache"],
                   value_cache=a["value_cache"])
-    items = T * ((N if write_q else 0) + 2 * Nkv) * (H // 8)
+    grid, scalars = _launch_plan(problem, query.device.id)
     kernel = get_function(prologue_name(problem.dtype))
-    kernel((grid_size(items),), (THREADS,), (
+    kernel(grid, (THREADS,), (
         query, key, value, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
         a["past_seqlens"], a["block_table"], NULL if fault is None else fault, cos, sin, q,
-        np.int32(T), np.int32(problem.batch), np.int32(N), np.int32(Nkv), np.int32(H),
-        np.int32(problem.block_size), np.int32(problem.num_blocks), np.int32(problem.max_blocks),
-        np.int32(problem.rotary_dim if problem.do_rotary else 0),
-        np.int32(problem.cos_rows if problem.do_rotary else 0), np.int32(problem.packed),
-        np.int32(problem.do_rotary), np.int32(problem.rotary_interleaved), np.int32(write_q)))
+        scalars))
     return q
