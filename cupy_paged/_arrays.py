@@ -8,6 +8,7 @@ kind where that is cheap (torch). CuPy is imported only when a GPU array shows u
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from dataclasses import dataclass, field
 
@@ -34,7 +35,7 @@ class AdoptedArrays:
         """Compute capability of the arrays' GPU as an int (e.g. 90); None on NumPy."""
         if self.kind != "cupy":
             return None
-        return int(self.arrays["query"].device.compute_capability)
+        return _compute_capability(self.arrays["query"].data.device_id)
 
     def wrap(self, result, caller_out=None):
         """Return ``result`` as the kind of array the caller passed (zero-copy); the caller's
@@ -50,13 +51,15 @@ class AdoptedArrays:
         """Where the call's GPU work runs: the arrays' device, and for torch tensors torch's
         current stream there (so the op orders with the caller's torch work). A no-op on
         NumPy."""
-        stack = contextlib.ExitStack()
         if self.kind != "cupy":
-            return stack
-        device = self.arrays["query"].device
-        stack.enter_context(device)
+            return _NOTHING
+        device_id = self.arrays["query"].data.device_id
+        if self.origin != "torch" and self.xp.cuda.runtime.getDevice() == device_id:
+            return _NOTHING      # already current: a decode loop's usual case
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.xp.cuda.Device(device_id))
         if self.origin == "torch":
-            stack.enter_context(self._torch_stream(device.id))
+            stack.enter_context(self._torch_stream(device_id))
         return stack
 
     def _torch_stream(self, device_id):
@@ -128,9 +131,18 @@ def _as_array(name, value):
 
 
 def _check_same_device(arrays, first_name):
-    device = arrays[first_name].device.id
+    device = arrays[first_name].data.device_id
     for name, array in arrays.items():
-        if array is not None and array.device.id != device:
+        if array is not None and array.data.device_id != device:
             raise ValueError(
                 f"{name}: expected an array on GPU {device} (where {first_name} is), "
-                f"got one on GPU {array.device.id}")
+                f"got one on GPU {array.data.device_id}")
+
+
+_NOTHING = contextlib.nullcontext()
+
+
+@functools.cache
+def _compute_capability(device_id):
+    import cupy
+    return int(cupy.cuda.Device(device_id).compute_capability)

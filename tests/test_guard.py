@@ -195,7 +195,7 @@ def test_check_errors_is_public_and_free_without_a_gpu_call():
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
 
 
-def test_guard_launch_scalars_are_cached_per_problem():
+def test_guard_launch_scalars_pack_the_problem():
     from cupy_paged import _validate
 
     problem = _validate.Problem(
@@ -203,8 +203,7 @@ def test_guard_launch_scalars_are_cached_per_problem():
         num_blocks=2**40, max_blocks=8, packed=False, dtype="float16", scale=0.125,
         softcap=0.0, window=-1, do_rotary=True, rotary_interleaved=False, rotary_dim=64,
         cos_rows=100, max_seqlen_q=None, max_seqlen_k=2**70, total_kv_tokens=50)
-    grid, scalars = _guard._launch_scalars(problem)
-    assert _guard._launch_scalars(problem)[1] is scalars
+    grid, scalars = _guard._build_scalars(problem)
     assert grid == (3,)  # 4 sequences per block
     (packed,) = scalars                      # one struct passed by value
     assert packed.shape == (1,) and packed.dtype == _guard.SCALARS.dtype

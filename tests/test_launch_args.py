@@ -42,3 +42,97 @@ def test_pack_checks_the_count_and_keeps_values():
     with pytest.raises(ValueError, match="T: 3 values expected, got 2"):
         s.pack(1, 2)
     assert np.asarray(packed).tobytes()[4:8] == b"\0\0\0\0"   # padding before the long long
+
+
+def test_argument_block_points_at_each_value():
+    """cuLaunchKernel's parameter array: entry i points at parameter i's bytes; pointer slots
+    change with each fill, constants (scalars, structs) keep their bytes whatever is filled."""
+    import ctypes
+
+    from cupy_paged.backends._launch import POINTER, ArgumentBlock
+
+    s = ScalarStruct("T", (("int", "a"), ("long long", "b"), ("float", "c")))
+    packed = s.pack(-3, 2**40, 0.5)
+    block = ArgumentBlock((POINTER, POINTER, packed, POINTER, np.int32(7), np.float32(2.5)))
+    assert block.pointer_count == 3
+    for pointers in ((1, 2**64 - 1, 0xDEADBEEF0), (0, 0, 0), (2**40 + 16, 2**63, 17)):
+        block.fill(pointers)
+        assert [int.from_bytes(block.read(i, 8), "little") for i in (0, 1, 3)] == list(pointers)
+        assert block.read(2, s.dtype.itemsize) == packed.tobytes()
+        assert block.read(4, 4) == np.int32(7).tobytes()
+        assert block.read(5, 4) == np.float32(2.5).tobytes()
+    addresses = (ctypes.c_void_p * 6).from_address(block.params)
+    assert all(a % 8 == 0 for a in addresses)               # every value naturally aligned
+    with pytest.raises(struct_error()):
+        block.fill((1, 2))                                    # one pointer per slot
+
+
+def struct_error():
+    import struct
+    return struct.error
+
+
+class _Recorder:
+    """Stands in for DirectLaunch: keeps the parameter list a launcher builds."""
+
+    def __init__(self, kernel, args, grid, block, shared_mem=0):
+        self.args, self.grid, self.block = args, grid, block
+
+
+def _entry_parameters(code, name):
+    """The parameter list of ``extern "C" ... name(...)`` in generated entry code, split."""
+    start = code.index(f"{name}(") + len(name) + 1
+    return [p.strip() for p in code[start:code.index(")", start)].split(",")]
+
+
+def _problem():
+    from cupy_paged import _validate
+
+    return _validate.Problem(
+        num_tokens=10, batch=3, num_heads=8, kv_num_heads=2, head_size=128, block_size=16,
+        num_blocks=64, max_blocks=8, packed=False, dtype="float16", scale=0.125,
+        softcap=0.0, window=-1, do_rotary=True, rotary_interleaved=False, rotary_dim=64,
+        cos_rows=100, max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None)
+
+
+@pytest.mark.parametrize("module", ["flash", "prologue", "guard"])
+def test_direct_launch_parameters_match_the_entry_point(module, monkeypatch):
+    """Each launcher's argument block has the generated entry point's parameters in order:
+    a POINTER slot for each pointer parameter, the packed scalar struct for the struct."""
+    from cupy_paged.backends._launch import POINTER
+    from cupy_paged.jit import get_spec
+
+    problem = _problem()
+    if module == "flash":
+        monkeypatch.setattr(_flash_kernels, "DirectLaunch", _Recorder)
+        monkeypatch.setattr(_flash_kernels, "_kernel", lambda *a: None)
+        plan = _flash_kernels._plan(problem, 90, 132, 4)
+        launch, combine = _flash_kernels._direct_launches(0, plan)
+        _flash_kernels._launchers.clear()
+        name = plan.fwd
+        spec = _flash_kernels._register_fwd("float16", _flash_kernels.problem_tile(problem, 90))
+        struct = _flash_kernels.FWD_SCALARS
+        combine_params = _entry_parameters(get_spec(plan.combine).entry_code, plan.combine)
+        assert [a is POINTER for a in combine.args] == ["*" in p for p in combine_params]
+    elif module == "prologue":
+        monkeypatch.setattr(_prologue, "DirectLaunch", _Recorder)
+        monkeypatch.setattr(_prologue, "get_function", lambda *a, **k: None)
+        monkeypatch.setattr(_prologue, "grid_size", lambda items, device: 1)
+        launch = _prologue._launcher(problem, 0)
+        _prologue._launchers.clear()
+        name = spec = _prologue.prologue_name("float16")
+        struct = _prologue.SCALARS
+    else:
+        monkeypatch.setattr(_guard, "DirectLaunch", _Recorder)
+        monkeypatch.setattr(_guard, "_device", lambda device: (None, None))
+        launch, _ = _guard._launcher(problem, 0)
+        _guard._LAUNCHERS.clear()
+        name = spec = _guard.NAME
+        struct = _guard.SCALARS
+    params = _entry_parameters(get_spec(spec).entry_code, name)
+    assert len(launch.args) == len(params)
+    for arg, param in zip(launch.args, params):
+        if "*" in param:
+            assert arg is POINTER, param
+        else:
+            assert param.split()[-2] == struct.name and arg.dtype == struct.dtype, param

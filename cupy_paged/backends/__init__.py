@@ -33,12 +33,29 @@ def check_backend_name(backend):
     return backend
 
 
+_CHOSEN: dict = {}  # (requested, id(problem), kind, sm) -> (problem, Backend)
+_CHOSEN_MAX = 1024
+
+
 def choose_backend(requested, problem, kind, sm):
     """The Backend to run ``problem`` on; ``UnsupportedError`` listing why none can.
 
     requested: a name from ``NAMES``; kind: "numpy" or "cupy"; sm: compute capability as an
-    int on the GPU (e.g. 90), None on the host.
+    int on the GPU (e.g. 90), None on the host. The choice is kept per Problem object
+    (_validate hands the same object to every call of one signature).
     """
+    key = (requested, id(problem), kind, sm)
+    held = _CHOSEN.get(key)
+    if held is not None and held[0] is problem:
+        return held[1]
+    chosen = _choose(requested, problem, kind, sm)
+    if len(_CHOSEN) >= _CHOSEN_MAX:
+        _CHOSEN.clear()
+    _CHOSEN[key] = (problem, chosen)
+    return chosen
+
+
+def _choose(requested, problem, kind, sm):
     candidates = AUTO_ORDER[kind] if requested == "auto" else (requested,)
     reasons = []
     for name in candidates:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..jit import KernelSpec, get_function, register
-from ._launch import NULL, ScalarStruct, sm_count
+from ._launch import POINTER, DirectLaunch, ScalarStruct, pointer, sm_count
 
 # Instantiated (padded) head sizes; H % 8 == 0 pads up to the next one (32, 40 -> 64).
 HEAD_SIZES = (64, 80, 96, 128, 160, 192, 256)
@@ -305,6 +305,8 @@ def _plan(problem, sm, sm_count, num_splits):
 
 _kernels: dict = {}  # (device id, name) -> cupy.RawKernel, dynamic shared memory raised
 _last_plan: list = [None]  # [(key, plan)] of the last call: a decode loop repeats it
+_launchers: dict = {}  # (device id, id(plan)) -> (plan, forward DirectLaunch, combine or None)
+_LAUNCHERS_MAX = 512
 
 
 def launch_plan(problem, sm, device, num_splits=None):
@@ -330,6 +332,27 @@ def _kernel(device, name, smem):
     return fn
 
 
+def _direct_launches(device, plan):
+    """(forward, combine or None) DirectLaunch of ``plan`` on ``device``, built once: their
+    argument blocks already hold the plan's scalars; a call supplies the pointers."""
+    held = _launchers.get((device, id(plan)))
+    if held is not None and held[0] is plan:
+        return held[1], held[2]
+    fwd = DirectLaunch(_kernel(device, plan.fwd, plan.smem),
+                       (POINTER,) * len(FWD_POINTERS) + (plan.scalars, POINTER),
+                       plan.grid, plan.block, plan.smem)
+    combine = None
+    if plan.splits > 1:
+        combine = DirectLaunch(_kernel(device, plan.combine, 0),
+                               (POINTER, POINTER, POINTER) + plan.combine_scalars
+                               + (POINTER, plan.batch),
+                               plan.combine_grid, (_COMBINE_THREADS, 1, 1))
+    if len(_launchers) >= _LAUNCHERS_MAX:
+        _launchers.clear()
+    _launchers[(device, id(plan))] = (plan, fwd, combine)
+    return fwd, combine
+
+
 def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out, sm,
                  num_splits=None, workspace=None, fault=None):
     """Attention of the (already rotated) q over the paged caches into out, on the current
@@ -352,9 +375,8 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
         if arr.dtype.itemsize != 2 or arr.data.ptr % 16:
             raise ValueError("flash: q, caches and out must be 16-bit arrays on 16-byte "
                              f"aligned addresses (got {arr.dtype} at {arr.data.ptr:#x})")
-    device = q.device.id
+    device = q.data.device_id
     plan = launch_plan(problem, sm, device, num_splits)
-    fwd = _kernel(device, plan.fwd, plan.smem)
     if plan.splits > 1:
         o_shape, lse_shape = workspace_shape(problem, plan.splits)
         if workspace is None:
@@ -369,12 +391,11 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
                                  f"{lse_shape} (see workspace_shape)")
     else:
         partial_o = partial_lse = out  # never dereferenced with num_splits == 1
-    fault_arg = NULL if fault is None else fault
-    fwd(plan.grid, plan.block,
-        (q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse,
-         plan.scalars, fault_arg), shared_mem=plan.smem)
-    if plan.splits > 1:
-        combine = _kernel(device, plan.combine, 0)
-        combine(plan.combine_grid, (_COMBINE_THREADS, 1, 1),
-                (partial_o, partial_lse, out) + plan.combine_scalars + (fault_arg, plan.batch))
+    fwd, combine = _direct_launches(device, plan)
+    q_p, o_p, f_p = q.data.ptr, out.data.ptr, pointer(fault)
+    po_p, pl_p = partial_o.data.ptr, partial_lse.data.ptr
+    fwd(q_p, key_cache.data.ptr, value_cache.data.ptr, cum.data.ptr, past.data.ptr,
+        block_table.data.ptr, o_p, po_p, pl_p, f_p)
+    if combine is not None:
+        combine(po_p, pl_p, o_p, f_p)
     return out

@@ -21,7 +21,7 @@ import numpy as np
 
 from ..errors import MetadataError
 from ..jit import KernelSpec, get_function, register
-from ._launch import ScalarStruct, check_aligned
+from ._launch import POINTER, DirectLaunch, ScalarStruct, check_aligned
 
 # Fault bits, bit k = rank k in _validate.check_metadata's order.
 FAULT_CUM_START = 1 << 0       # cumulative_sequence_length[0] != 0 (batch)
@@ -53,7 +53,7 @@ _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 
 # Scalars travel as one struct passed by value (``_launch.ScalarStruct``), packed once per
-# problem by ``_launch_scalars``.
+# problem and device into the launch's argument block by ``_launcher``.
 SCALARS = ScalarStruct("GuardScalars", (
     ("long long", "num_tokens"), ("int", "batch"), ("long long", "row_chunks"),
     ("int", "block_size"), ("int", "num_blocks"), ("int", "max_blocks"),
@@ -96,7 +96,8 @@ def run_guard(problem, a, out):
     import cupy
 
     device = cupy.cuda.runtime.getDevice()
-    key = (device, cupy.cuda.get_current_stream().ptr)
+    stream = cupy.cuda.get_current_stream().ptr
+    key = (device, stream)
     batch = problem.batch
     buffers = _streams.get(key)
     if buffers is None or buffers.fault.size <= batch:
@@ -105,10 +106,10 @@ def run_guard(problem, a, out):
     if fault is None:
         fault = buffers.views[batch] = buffers.fault[:batch + 1]
     check_aligned(out=out)
-    kernel, word = _device(device)
-    grid, scalars = _launch_scalars(problem)
-    kernel(grid, (THREADS,), (a["cumulative_sequence_length"], a["past_seqlens"],
-                              a["block_table"], fault, out, buffers.scratch, word) + scalars)
+    launch, word = _launcher(problem, device)
+    launch(a["cumulative_sequence_length"].data.ptr, a["past_seqlens"].data.ptr,
+           a["block_table"].data.ptr, fault.data.ptr, out.data.ptr, buffers.scratch.data.ptr,
+           word.data.ptr, stream=stream)
     return fault
 
 
@@ -275,22 +276,25 @@ def _device(device_id):
     return kernel, word
 
 
-_SCALARS: dict = {}    # id(problem) -> (problem, grid, scalars)
-_SCALARS_MAX = 256
+_LAUNCHERS: dict = {}  # id(problem) -> (problem, device, DirectLaunch)
+_LAUNCHERS_MAX = 256
 
 
-def _launch_scalars(problem):
-    """(grid, the kernel's scalar arguments) of a Problem, built once per Problem object:
-    _validate hands the same object to every call of one signature, so a decode loop looks it
-    up by id (the entry holds the object, so its id is never reused while cached)."""
-    held = _SCALARS.get(id(problem))
-    if held is not None and held[0] is problem:
-        return held[1], held[2]
-    if len(_SCALARS) >= _SCALARS_MAX:
-        _SCALARS.clear()
+def _launcher(problem, device):
+    """(DirectLaunch with the grid and packed scalars of a Problem, the device's error word),
+    built once per Problem object and device: _validate hands the same object to every call of
+    one signature, so a decode loop looks it up by id (the entry holds the object, so its id is
+    never reused while cached)."""
+    held = _LAUNCHERS.get(id(problem))
+    kernel, word = _device(device)
+    if held is not None and held[0] is problem and held[1] == device:
+        return held[2], word
+    if len(_LAUNCHERS) >= _LAUNCHERS_MAX:
+        _LAUNCHERS.clear()
     grid, scalars = _build_scalars(problem)
-    _SCALARS[id(problem)] = (problem, grid, scalars)
-    return grid, scalars
+    launch = DirectLaunch(kernel, (POINTER,) * 7 + scalars, grid, (THREADS,))
+    _LAUNCHERS[id(problem)] = (problem, device, launch)
+    return launch, word
 
 
 def _build_scalars(problem):

@@ -4,7 +4,10 @@ CuPy is imported on first use only.
 """
 from __future__ import annotations
 
+import ctypes
 import functools
+import struct
+import threading
 
 import numpy as np
 
@@ -69,6 +72,91 @@ class ScalarStruct:
         packed = np.zeros(1, dtype=self.dtype)
         packed[0] = values
         return packed
+
+
+POINTER = None  # a DirectLaunch parameter refilled with a device pointer on every launch
+
+
+class ArgumentBlock:
+    """A kernel's parameter values laid out once in host memory, as ``cuLaunchKernel`` takes
+    them: ``params`` is the address of an array of pointers, one per parameter, each to its
+    value. Pointer parameters (``POINTER``) get 8-byte slots, packed together at the start of
+    the block and refilled by ``fill``; every other parameter is a constant NumPy scalar or
+    (1,) array (e.g. a ``ScalarStruct`` pack) copied in once, after them, 16-byte aligned.
+    """
+
+    __slots__ = ("_buffer", "_params", "_pack", "params", "pointer_count")
+
+    def __init__(self, args):
+        self.pointer_count = sum(arg is POINTER for arg in args)
+        offsets, slot, offset = [], 0, -(-8 * self.pointer_count // 16) * 16
+        constants = []
+        for arg in args:
+            if arg is POINTER:
+                offsets.append(8 * slot)
+                slot += 1
+                continue
+            data = np.asarray(arg).tobytes()
+            if not data:
+                raise ValueError("ArgumentBlock: an empty constant parameter")
+            offsets.append(offset)
+            constants.append((offset, data))
+            offset = -(-(offset + len(data)) // 16) * 16
+        self._buffer = (ctypes.c_uint8 * max(offset, 16))()
+        base = ctypes.addressof(self._buffer)
+        for at, data in constants:
+            ctypes.memmove(base + at, data, len(data))
+        self._params = (ctypes.c_void_p * max(len(offsets), 1))(*(base + o for o in offsets))
+        self.params = ctypes.addressof(self._params)
+        self._pack = struct.Struct(f"<{self.pointer_count}Q")
+
+    def fill(self, pointers):
+        """Write the device addresses (ints, in parameter order) into the pointer slots."""
+        self._pack.pack_into(self._buffer, 0, *pointers)
+
+    def read(self, index, size):
+        """The ``size`` bytes parameter ``index`` points at (for tests)."""
+        return ctypes.string_at(self._params[index], size)
+
+
+class DirectLaunch:
+    """One kernel on fixed grid, block and shared memory, launched through the driver.
+
+    CuPy's ``RawKernel.__call__`` converts every argument on every launch (H200 host: 6.1 us
+    for one argument, 17.5 us for 27; a NumPy structured argument goes through NumPy's
+    descriptor machinery, ~10 us more). A launch here packs the call's device pointers into a
+    prepared ``ArgumentBlock`` and calls ``cuLaunchKernel`` on the current CuPy stream, so a
+    per-problem plan pays the conversions once. kernel: a ``cupy.RawKernel`` (kept alive);
+    args: its parameters in order, ``POINTER`` or a constant (see ``ArgumentBlock``).
+    Thread-safe: one lock covers filling the block and the launch (the driver copies the
+    values before it returns). The launch is captured like any other by CUDA graph capture.
+    """
+
+    __slots__ = ("_kernel", "_function", "_block", "_dims", "_lock")
+
+    def __init__(self, kernel, args, grid, block, shared_mem=0):
+        self._kernel = kernel
+        self._function = kernel.kernel.ptr
+        self._block = ArgumentBlock(args)
+        grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
+        self._dims = grid + block + (int(shared_mem),)
+        self._lock = threading.Lock()
+
+    def __call__(self, *pointers, stream=None):
+        """Launch with ``pointers`` (device addresses as ints: ``array.data.ptr``, 0 for none)
+        on ``stream`` (a CUDA stream handle; None: the current CuPy stream)."""
+        from cupy.cuda import driver, get_current_stream
+
+        if stream is None:
+            stream = get_current_stream().ptr
+        with self._lock:
+            self._block.fill(pointers)
+            driver.launchKernel(self._function, *self._dims, stream, self._block.params, 0)
+
+
+def pointer(array):
+    """The device address of a CuPy array (0 for None)."""
+    return 0 if array is None else array.data.ptr
 
 
 def variant(prefix, dtype):

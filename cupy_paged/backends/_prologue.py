@@ -7,11 +7,11 @@ interleaved are runtime flags (uniform branches). CuPy is imported on first laun
 from __future__ import annotations
 
 from ..jit import get_function
-from ._launch import (NULL, THREADS, ScalarStruct, check_aligned, grid_size,
-                      register_per_dtype, variant)
+from ._launch import (POINTER, THREADS, DirectLaunch, ScalarStruct, check_aligned, grid_size,
+                      pointer, register_per_dtype, variant)
 
 # Scalars travel as one struct passed by value (``_launch.ScalarStruct``), packed once per
-# problem and device by ``_launch_plan``.
+# problem and device into the launch's argument block by ``_launcher``.
 SCALARS = ScalarStruct("PrologueScalars", tuple(("int", n) for n in (
     "num_tokens", "batch", "num_heads", "kv_num_heads", "head_size", "block_size", "num_blocks",
     "max_blocks", "rotary_dim", "cos_rows", "packed", "do_rotary", "interleaved", "write_q")))
@@ -35,29 +35,31 @@ SPECS = register_per_dtype("prologue", "prologue/prologue.cu", _PROLOGUE_ARGS,
                            f"cupy_paged::prologue::run<{{T}}>({_PROLOGUE_CALL});",
                            preamble=SCALARS.definition)
 
-_plans: dict = {}  # id(problem) -> (problem, device, grid, packed scalars)
-_PLANS_MAX = 256
+_launchers: dict = {}  # id(problem) -> (problem, device, DirectLaunch)
+_LAUNCHERS_MAX = 256
 
 
-def _launch_plan(problem, device):
-    """(grid, packed PrologueScalars) of ``problem`` on GPU ``device``, built once per Problem
-    object (_validate hands the same object to every call of one signature)."""
-    entry = _plans.get(id(problem))
+def _launcher(problem, device):
+    """The prologue's DirectLaunch for ``problem`` on GPU ``device`` (grid and packed
+    PrologueScalars inside), built once per Problem object (_validate hands the same object to
+    every call of one signature)."""
+    entry = _launchers.get(id(problem))
     if entry is not None and entry[0] is problem and entry[1] == device:
-        return entry[2], entry[3]
+        return entry[2]
     T, N, Nkv, H = problem.num_tokens, problem.num_heads, problem.kv_num_heads, problem.head_size
     write_q = problem.packed or problem.do_rotary
     items = T * ((N if write_q else 0) + 2 * Nkv) * (H // 8)
-    grid = (grid_size(items, device),)
     scalars = SCALARS.pack(
         T, problem.batch, N, Nkv, H, problem.block_size, problem.num_blocks,
         problem.max_blocks, problem.rotary_dim if problem.do_rotary else 0,
         problem.cos_rows if problem.do_rotary else 0, problem.packed, problem.do_rotary,
         problem.rotary_interleaved, write_q)
-    if len(_plans) >= _PLANS_MAX:
-        _plans.clear()
-    _plans[id(problem)] = (problem, device, grid, scalars)
-    return grid, scalars
+    launch = DirectLaunch(get_function(prologue_name(problem.dtype), device=device),
+                          (POINTER,) * 12 + (scalars,), (grid_size(items, device),), (THREADS,))
+    if len(_launchers) >= _LAUNCHERS_MAX:
+        _launchers.clear()
+    _launchers[id(problem)] = (problem, device, launch)
+    return launch
 
 
 def run_prologue(problem, a, fault=None):
@@ -85,10 +87,9 @@ def run_prologue(problem, a, fault=None):
     sin = a["sin_cache"] if problem.do_rotary else query
     check_aligned(query=query, key=key, value=value, key_cache=a["key_cache"],
                   value_cache=a["value_cache"])
-    grid, scalars = _launch_plan(problem, query.device.id)
-    kernel = get_function(prologue_name(problem.dtype))
-    kernel(grid, (THREADS,), (
-        query, key, value, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
-        a["past_seqlens"], a["block_table"], NULL if fault is None else fault, cos, sin, q,
-        scalars))
+    launch = _launcher(problem, query.data.device_id)
+    launch(query.data.ptr, key.data.ptr, value.data.ptr, a["key_cache"].data.ptr,
+           a["value_cache"].data.ptr, a["cumulative_sequence_length"].data.ptr,
+           a["past_seqlens"].data.ptr, a["block_table"].data.ptr, pointer(fault), cos.data.ptr,
+           sin.data.ptr, q.data.ptr)
     return q

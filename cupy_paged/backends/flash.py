@@ -17,7 +17,7 @@ _retired: list = []     # outgrown workspaces, kept alive for graphs captured be
 
 def _run(problem, adopted, out, fault=None):
     xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
-    device = a["query"].device.id
+    device = a["query"].data.device_id
     q = _prologue.run_prologue(problem, a, fault)
     splits = _flash_kernels.launch_plan(problem, sm, device).splits
     workspace = _workspace(xp, device, problem, splits) if splits > 1 else None
