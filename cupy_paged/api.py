@@ -1,13 +1,15 @@
 """``paged_attention``: validate -> plan (pick the backend, say why) -> launch."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 from . import _validate, backends
 from ._arrays import adopt_arrays
-from .backends import _guard
+from .backends import _capture, _guard
 
 check_errors = _guard.check_errors
+_NOTHING = contextlib.nullcontext()
 
 
 def paged_attention(
@@ -71,8 +73,9 @@ def paged_attention(
                 (problem.num_tokens, problem.num_heads * problem.head_size),
                 dtype=adopted.arrays["query"].dtype)
         if problem.num_tokens:             # T = 0: nothing to write, caches untouched
-            fault = _guard.run_guard(problem, adopted.arrays, result) if guarded else None
-            chosen.run(problem, adopted, result, fault)
+            with _capture.keep_allocations(adopted.xp) if guarded else _NOTHING:
+                fault = _guard.run_guard(problem, adopted.arrays, result) if guarded else None
+                chosen.run(problem, adopted, result, fault)
             if guarded and validate:
                 _guard.check_errors(adopted.arrays["query"].device.id)
     return adopted.wrap(result, caller_out=out)
