@@ -82,12 +82,16 @@ def adopt_arrays(named):
     differs in kind, ValueError for a CuPy array on another GPU.
     """
     arrays, kinds, origin = {}, {}, None
+    cupy = sys.modules.get("cupy")
+    gpu_array = None if cupy is None else cupy.ndarray
     for name, value in named.items():
         if value is None:
             arrays[name] = None
-            continue
-        arrays[name], kinds[name], value_origin = _as_array(name, value)
-        origin = origin or value_origin
+        elif type(value) is gpu_array:     # the common case, without a call per argument
+            arrays[name], kinds[name] = value, "cupy"
+        else:
+            arrays[name], kinds[name], value_origin = _as_array(name, value)
+            origin = origin or value_origin
     if not kinds:
         raise TypeError("query: expected an array, got None")
     first_name, kind = next(iter(kinds.items()))

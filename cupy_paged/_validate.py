@@ -65,9 +65,9 @@ def check_arguments(a, **attributes):
     A signature that passed before returns its cached ``Problem``.
     """
     try:
-        key = (tuple((name, None) if x is None else (name, type(x), x.shape, x.strides, x.dtype)
-                     for name, x in a.items()),
-               tuple((name, type(v), v) for name, v in sorted(attributes.items())))
+        key = (tuple(a), tuple([None if x is None else (type(x), x.shape, x.strides, x.dtype)
+                                for x in a.values()]),
+               tuple(attributes.items()), tuple(map(type, attributes.values())))
         problem = _PASSED.get(key)
     except (TypeError, AttributeError):    # unhashable or not an array: the checks say why
         key = problem = None

@@ -74,6 +74,7 @@ class ScalarStruct:
         return packed
 
 
+_cuda = None    # cupy.cuda, bound by the first DirectLaunch (CuPy loads on first use)
 POINTER = None  # a DirectLaunch parameter refilled with a device pointer on every launch
 
 
@@ -85,7 +86,7 @@ class ArgumentBlock:
     (1,) array (e.g. a ``ScalarStruct`` pack) copied in once, after them, 16-byte aligned.
     """
 
-    __slots__ = ("_buffer", "_params", "_pack", "params", "pointer_count")
+    __slots__ = ("_buffer", "_pack", "_params", "params", "pointer_count")
 
     def __init__(self, args):
         self.pointer_count = sum(arg is POINTER for arg in args)
@@ -132,9 +133,13 @@ class DirectLaunch:
     values before it returns). The launch is captured like any other by CUDA graph capture.
     """
 
-    __slots__ = ("_kernel", "_function", "_block", "_dims", "_lock")
+    __slots__ = ("_block", "_dims", "_function", "_kernel", "_lock")
 
     def __init__(self, kernel, args, grid, block, shared_mem=0):
+        global _cuda
+        import cupy.cuda
+
+        _cuda = cupy.cuda
         self._kernel = kernel
         self._function = kernel.kernel.ptr
         self._block = ArgumentBlock(args)
@@ -145,13 +150,11 @@ class DirectLaunch:
     def __call__(self, *pointers, stream=None):
         """Launch with ``pointers`` (device addresses as ints: ``array.data.ptr``, 0 for none)
         on ``stream`` (a CUDA stream handle; None: the current CuPy stream)."""
-        from cupy.cuda import driver, get_current_stream
-
         if stream is None:
-            stream = get_current_stream().ptr
+            stream = _cuda.get_current_stream().ptr
         with self._lock:
             self._block.fill(pointers)
-            driver.launchKernel(self._function, *self._dims, stream, self._block.params, 0)
+            _cuda.driver.launchKernel(self._function, *self._dims, stream, self._block.params, 0)
 
 
 def pointer(array):
