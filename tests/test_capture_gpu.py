@@ -43,16 +43,22 @@ def test_captured_call_keeps_its_scratch(backend, name):
     host = inp.args
     dev = [None if x is None else cupy.asarray(x) for x in host]
     T, width = host[0].shape[0], inp.kwargs["num_heads"] * host[3].shape[3]
+    # host-side bounds: mea sizes its scratch from them instead of a sync (illegal in a capture)
+    lens = [q + p for q, p in zip(inp.q_lens, inp.pasts)]
+    kwargs = dict(inp.kwargs, backend=backend, max_seqlen_q=max(inp.q_lens),
+                  max_seqlen_k=max(lens), total_kv_tokens=sum(lens))
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
-        eager = cupy_paged.paged_attention(*dev, **inp.kwargs, backend=backend)
+        eager = cupy_paged.paged_attention(*dev, **kwargs)
         out = cupy.full((T, width), np.nan, dtype=cupy.float16)
         for i in (3, 4):                      # the caches again as before the call
             dev[i][...] = cupy.asarray(host[i])
         kept = _capture.kept_bytes()
         stream.begin_capture()
-        cupy_paged.paged_attention(*dev, **inp.kwargs, backend=backend, out=out)
-        graph = stream.end_capture()
+        try:
+            cupy_paged.paged_attention(*dev, **kwargs, out=out)
+        finally:                              # never leave the stream capturing
+            graph = stream.end_capture()
         assert _capture.kept_bytes() > kept   # rotary: at least the rotated query is kept
         # the user's next arrays: in a pool that got the call's scratch back, these reuse it
         sentinels = [cupy.full(n, 12345, dtype=cupy.int32) for n in _sizes(inp) for _ in "ab"]

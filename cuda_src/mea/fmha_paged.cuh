@@ -247,10 +247,15 @@ struct PagedFmha {
       pv((n_keys + MM1::Mma::Shape::kK - 1) / MM1::Mma::Shape::kK, out, v_iter, out);
       __syncthreads();
       if constexpr (!kOutputInRF) {
+        // The GEMM's last copies (zero-fill ones past the keys included) must land before the
+        // next column block's prologue copies into the same stage: two async copies of one
+        // thread to one address may land in either order (compute-sanitizer racecheck flagged
+        // the other order, which upstream's loop has, as a potential WAW hazard). The
+        // prologue then overlaps this block's epilogue, whose shared memory is its own.
+        MM1::Mma::drain_cp_asyncs();
         if (AK::kPreloadV && cb + 1 < col_blocks) {
           prefetch_v(blk, key0, n_keys, head_size, cb + 1, s, thread);
         }
-        MM1::Mma::drain_cp_asyncs();
         const int col = cb * MM1::Mma::Shape::kN;
         if (first && last) {
           Store::template store<true, true>(blk.dst, col, out, s, thread, warp, lane);
