@@ -21,7 +21,8 @@
 # - initcheck runs with CuPy's memory pool switched off (cupy.cuda.set_allocator(None)): with
 #   the pool on, a block reused from an earlier array counts as initialised and a read of
 #   memory this call never wrote goes unseen. No suppressions are applied to any tool.
-# - racecheck checks shared memory only (global-memory races are not its business).
+# - racecheck checks shared memory only (global-memory races are not its business); its
+#   warnings (potential hazards) count as failures too.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -116,12 +117,12 @@ for tool in $TOOLS; do
     summaries=$(grep -Ec '(ERROR|RACECHECK) SUMMARY' "$log")
     total=$errors
     if [ "$tool" = racecheck ] && grep -q 'RACECHECK SUMMARY' "$log"; then
-        total=$races
+        total=$((races + warnings))   # warnings fail too: the selection has none (session 3)
     fi
     tests=$(grep -E '(passed|failed|errors?|skipped|deselected).* in [0-9.]+s' "$log" \
             | tr '\n' ' ')
     line="$tool: $total errors"
-    [ "$tool" = racecheck ] && line="$line ($warnings warnings)"
+    [ "$tool" = racecheck ] && line="$tool: $races errors, $warnings warnings"
     line="$line; pytest rc $rc; ${seconds} s; ${tests:-no pytest summary}"
     if [ "$summaries" -eq 0 ]; then
         line="$line; NO SANITIZER SUMMARY (did the tool run?)"
