@@ -35,6 +35,7 @@ from benchmarks import report  # noqa: E402
 
 DEFAULT_OUT = str(Path(__file__).resolve().parent / "results")
 ALL_PEERS = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex")
+OUR_BACKENDS = ("flash", "mea", "mea-attn")  # mea-attn: mea's attention kernel alone
 QUICK_BUDGET_S = 200.0
 H100_FP16_DENSE = 800e12     # fallback when the matrix product is not measured
 
@@ -65,6 +66,10 @@ def parse_args(argv=None):
                    help="print the cases with their FLOPs and bytes; no GPU needed")
     args = p.parse_args(argv)
     args.backends = [b for b in args.backends.split(",") if b]
+    unknown = [b for b in args.backends if b not in OUR_BACKENDS]
+    if unknown:
+        p.error(f"--backends: expected some of {', '.join(OUR_BACKENDS)}, got {unknown} "
+                "(mea also adds mea-attn, its attention kernel timed alone)")
     args.peers = [x for x in args.peers.split(",") if x]
     bad = [x for x in args.peers if x not in ALL_PEERS]
     if bad:
@@ -161,9 +166,10 @@ def _impl_specs(args, case, meta, sets, peers):
             specs["SDPA"].append((f"sdpa:{be}+gather", "peer",
                                   lambda be=be: peers.build_sdpa(be, case, meta, sets, True)))
     for b in args.backends:
-        specs["ours"].append((f"ours:{b}", "ours",
-                              lambda b=b: peers.build_ours(b, case, meta, sets)))
-    if "mea" in args.backends:
+        if b != "mea-attn":
+            specs["ours"].append((f"ours:{b}", "ours",
+                                  lambda b=b: peers.build_ours(b, case, meta, sets)))
+    if "mea" in args.backends or "mea-attn" in args.backends:
         specs["ours"].append(("ours:mea-attn", "ours",
                               lambda: peers.build_mea_attention_only(case, meta, sets)))
     if "flex" in args.peers:

@@ -271,6 +271,9 @@ def test_parse_args():
         bench_run.parse_args(["--peers", "vllm"])
     with pytest.raises(SystemExit):
         bench_run.parse_args(["--case", "nope"])
+    with pytest.raises(SystemExit):                      # not a backend: says which are
+        bench_run.parse_args(["--backends", "flash,flashinfer"])
+    assert bench_run.parse_args(["--backends", "mea-attn"]).backends == ["mea-attn"]
 
 
 def test_list_runs_without_torch():
