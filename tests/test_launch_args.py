@@ -136,3 +136,37 @@ def test_direct_launch_parameters_match_the_entry_point(module, monkeypatch):
             assert arg is POINTER, param
         else:
             assert param.split()[-2] == struct.name and arg.dtype == struct.dtype, param
+
+
+def test_direct_launch_calls_the_driver_with_its_block(monkeypatch):
+    """DirectLaunch hands cuLaunchKernel the function, 3-D grid and block, shared memory, the
+    current stream (or the one given) and the block's parameter array, refilled per call."""
+    import types
+
+    from cupy_paged.backends import _launch
+
+    calls = []
+
+    def launch_kernel(*args):
+        function, gx, gy, gz, bx, by, bz, smem, stream, params, extra = args
+        pointers = [int.from_bytes(ctypes_read(params, i), "little") for i in range(2)]
+        calls.append((function, (gx, gy, gz), (bx, by, bz), smem, stream, pointers, extra))
+
+    def ctypes_read(params, index):
+        import ctypes
+        address = (ctypes.c_void_p * 3).from_address(params)[index]
+        return ctypes.string_at(address, 8)
+
+    fake = types.SimpleNamespace(
+        driver=types.SimpleNamespace(launchKernel=launch_kernel),
+        get_current_stream=lambda: types.SimpleNamespace(ptr=777))
+    monkeypatch.setattr(_launch, "_cuda", _launch._cuda)  # restored after the test
+    monkeypatch.setitem(__import__("sys").modules, "cupy", types.SimpleNamespace(cuda=fake))
+    monkeypatch.setitem(__import__("sys").modules, "cupy.cuda", fake)
+    kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=4242))
+    launch = _launch.DirectLaunch(kernel, (_launch.POINTER, _launch.POINTER, np.int32(5)),
+                                  (7,), (128,), shared_mem=1024)
+    launch(0x1000, 0x2000)
+    launch(0x3000, 0, stream=99)
+    assert calls == [(4242, (7, 1, 1), (128, 1, 1), 1024, 777, [0x1000, 0x2000], 0),
+                     (4242, (7, 1, 1), (128, 1, 1), 1024, 99, [0x3000, 0], 0)]
