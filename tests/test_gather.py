@@ -11,17 +11,16 @@ import numpy as np
 import pytest
 
 from cupy_paged.backends import _gather, _prologue
-from cupy_paged.errors import ToolchainError
-from cupy_paged.jit import compile_many, compile_variant
+from cupy_paged.jit import compile_variant
 
 try:
     from .paged_cases import Case, seed_of
-    from .test_prologue import (POISON, assert_cubins, buildable, device_bits, enc, expected,
+    from .test_prologue import (POISON, compile_every_arch, device_bits, enc, expected,
                                 poison_pool, prepare, problem_of, skip_unless_sm, to_device,
                                 ulps)
 except ImportError:
     from paged_cases import Case, seed_of
-    from test_prologue import (POISON, assert_cubins, buildable, device_bits, enc, expected,
+    from test_prologue import (POISON, compile_every_arch, device_bits, enc, expected,
                                poison_pool, prepare, problem_of, skip_unless_sm, to_device, ulps)
 
 
@@ -93,14 +92,8 @@ def gather_and_check(prep, tag, extra_rows=37, past_override=None):
 
 
 def test_gather_variants_compile_for_every_arch(cache_dir):
-    build, refused = buildable(_gather.SPECS)
+    build = compile_every_arch(_gather.SPECS, cache_dir)
     assert {s.name for s, _ in build} == {"gather_kv_f16", "gather_kv_bf16"}
-    results = compile_many(build)
-    assert [(r.name, r.arch) for r in results] == [(s.name, a) for s, a in build]
-    assert_cubins(results, cache_dir)
-    for spec, arch in refused:  # NVRTC 13 dropped sm_70
-        with pytest.raises(ToolchainError, match=f"cannot build {arch}"):
-            compile_variant(spec, arch)
 
 
 def test_gather_bf16_compile_refuses_before_sm80():

@@ -227,15 +227,23 @@ def assert_cubins(results, cache_dir):
         assert r.path.parent == cache_dir
 
 
-def test_prologue_variants_compile_for_every_arch(cache_dir):
-    build, refused = buildable(_prologue.SPECS)
-    assert {s.name for s, _ in build} == {"prologue_f16", "prologue_bf16"}
+def compile_every_arch(specs, cache_dir):
+    """Build every (spec, arch) NVRTC supports into cache_dir and check the cubins; the archs
+    it refuses (NVRTC 13 dropped sm_70) must raise ToolchainError naming the arch. Returns the
+    (spec, arch) pairs built."""
+    build, refused = buildable(specs)
     results = compile_many(build)
     assert [(r.name, r.arch) for r in results] == [(s.name, a) for s, a in build]
     assert_cubins(results, cache_dir)
-    for spec, arch in refused:  # NVRTC 13 dropped sm_70
+    for spec, arch in refused:
         with pytest.raises(ToolchainError, match=f"cannot build {arch}"):
             compile_variant(spec, arch)
+    return build
+
+
+def test_prologue_variants_compile_for_every_arch(cache_dir):
+    build = compile_every_arch(_prologue.SPECS, cache_dir)
+    assert {s.name for s, _ in build} == {"prologue_f16", "prologue_bf16"}
 
 
 def test_prologue_bf16_compile_refuses_before_sm80():
