@@ -5,7 +5,9 @@
         --case prefill_8x2048 --backend flash
 
 Times nothing itself: the calls are those ``benchmarks/run.py`` times (``peers.build_ours``,
-or ``peers.build_mea_attention_only`` for ``--backend mea-attn``).
+``peers.build_mea_attention_only`` for ``--backend mea-attn``, and torch SDPA on the dense
+equivalent for ``--backend sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-cudnn``, so one ncu
+session can profile our kernel and the peer's on the same case).
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--case", required=True, choices=list(C.CASES))
     p.add_argument("--block-size", type=int, default=C.DEFAULT_BLOCK_SIZE)
-    p.add_argument("--backend", default="flash", choices=("flash", "mea", "mea-attn"))
+    p.add_argument("--backend", default="flash",
+                   choices=("flash", "mea", "mea-attn", "sdpa-flash", "sdpa-efficient",
+                            "sdpa-cudnn"))
     p.add_argument("--calls", type=int, default=5)
     args = p.parse_args(argv)
 
@@ -34,8 +38,12 @@ def main(argv=None):
     case = C.make_case(args.case, args.block_size)
     meta = C.build_metadata(case)
     sets = peers.make_sets(case, meta, 1)
-    build = (peers.build_mea_attention_only if args.backend == "mea-attn"
-             else lambda c, m, s: peers.build_ours(args.backend, c, m, s))
+    if args.backend == "mea-attn":
+        build = peers.build_mea_attention_only
+    elif args.backend.startswith("sdpa-"):
+        build = lambda c, m, s: peers.build_sdpa(args.backend[5:], c, m, s, False)  # noqa: E731
+    else:
+        build = lambda c, m, s: peers.build_ours(args.backend, c, m, s)  # noqa: E731
     impl = build(case, meta, sets)
     for _ in range(args.calls):
         impl.fn(0)
