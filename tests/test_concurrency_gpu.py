@@ -66,14 +66,22 @@ def _backend_of(mode, i):
     return mode if mode != "mixed" else ("flash", "mea")[i % 2]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["flash", "mea", "mixed"])
-def test_four_streams_interleaved(mode):
+def _calls_run_alone(mode):
+    """The CALLS on the device, and each one's (out, key_cache, value_cache) run alone, done."""
     import cupy
 
     calls = [_device_call(i) for i in range(len(CALLS))]
     alone = [_call(dev, kw, _backend_of(mode, i)) for i, (dev, kw) in enumerate(calls)]
     cupy.cuda.Device().synchronize()
+    return calls, alone
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["flash", "mea", "mixed"])
+def test_four_streams_interleaved(mode):
+    import cupy
+
+    calls, alone = _calls_run_alone(mode)
     streams = [cupy.cuda.Stream(non_blocking=True) for _ in calls]
     results = [[] for _ in calls]
     for _ in range(ROUNDS):
@@ -94,9 +102,7 @@ def test_four_streams_interleaved(mode):
 def test_four_threads_each_with_its_stream(mode):
     import cupy
 
-    calls = [_device_call(i) for i in range(len(CALLS))]
-    alone = [_call(dev, kw, _backend_of(mode, i)) for i, (dev, kw) in enumerate(calls)]
-    cupy.cuda.Device().synchronize()
+    calls, alone = _calls_run_alone(mode)
     barrier = threading.Barrier(len(calls))
     results, errors = [None] * len(calls), []
 
