@@ -4,7 +4,7 @@ SDPA FLASH peer and the device copy bandwidth measured in the same process.
     python benchmarks/tile_sweep.py --case prefill_8x2048 --tile 128,32,4,2 128,64,4,2 \
         [--splits 0 2 4] [--block-size 16 256]
 
-A tile is BM,BN,WARPS,STAGES (cupy_paged/backends/_flash_kernels.Tile); --splits 0 is the
+A tile is BM,BN,WARPS,STAGES[,KEY_WARPS] (cupy_paged/backends/_flash_kernels.Tile); --splits 0 is the
 planner's choice. Every timed output row is checked against float32 torch first. For choosing
 the heuristic in ``_flash_kernels.tile_for``; `benchmarks/run.py` gives the reported numbers.
 """
@@ -21,13 +21,20 @@ if __package__ in (None, ""):      # run as a script: make `benchmarks` importab
 from benchmarks import cases as C  # noqa: E402
 
 
+def _tile(fk, case, spec, arch):
+    """A Tile from "BM,BN,WARPS,STAGES[,KEY_WARPS]"."""
+    bm, bn, warps, stages, *key_warps = map(int, spec.split(","))
+    return fk.Tile(fk.padded_head(case.head_size), bm, bn, warps, stages, arch,
+                   key_warps=key_warps[0] if key_warps else 1)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--case", dest="cases", nargs="+", required=True, choices=list(C.CASES))
     p.add_argument("--block-size", dest="block_sizes", nargs="+", type=int,
                    default=[C.DEFAULT_BLOCK_SIZE])
     p.add_argument("--tile", dest="tiles", nargs="+", default=[],
-                   help="BM,BN,WARPS,STAGES; none: the heuristic's tile only")
+                   help="BM,BN,WARPS,STAGES[,KEY_WARPS]; none: the heuristic's tile only")
     p.add_argument("--splits", nargs="+", type=int, default=[0])
     p.add_argument("--no-peer", action="store_true")
     p.add_argument("--json", default=None, help="write the records here")
@@ -59,8 +66,7 @@ def main(argv=None):
                 peers.drop_dense(sets)
             sm = torch.cuda.get_device_capability()
             arch = fk.arch_class(10 * sm[0] + sm[1])
-            tiles = [None] + [fk.Tile(fk.padded_head(case.head_size), *map(int, s.split(",")),
-                                      arch) for s in args.tiles]
+            tiles = [None] + [_tile(fk, case, s, arch) for s in args.tiles]
             for tile in tiles:
                 for splits in args.splits:
                     fk.problem_tile = heuristic_tile if tile is None else (

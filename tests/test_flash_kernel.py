@@ -95,13 +95,14 @@ def test_flash_compile_each_template_for(arch, flash_cache_dir):
 def test_flash_variant_names_are_readable_and_unique():
     names = fk.all_variant_names("sm80") + fk.all_variant_names("sm86")[:-2]  # one combine
     assert len(names) == len(set(names))
-    pattern = re.compile(r"flash_fwd_(f16|bf16)_h\d+_m\d+_n\d+_w\d_s\d_sm8[06]|flash_combine_b?f16")
+    pattern = re.compile(r"flash_fwd_(f16|bf16)_h\d+_m\d+_n\d+_w\d(_k\d)?_s\d_sm8[06]|flash_combine_b?f16")
     assert all(pattern.fullmatch(n) for n in names), names
     decode = make_problem(T=4, B=4, N=8, Nkv=2, H=128, bs=16, num_blocks=64, max_blocks=16)
-    assert fk.variant_name(decode, 80) == "flash_fwd_f16_h128_m64_n64_w4_s2_sm80"
+    # decode (G rows per kv head): one 16-row fragment, four warps splitting each key tile
+    assert fk.variant_name(decode, 80) == "flash_fwd_f16_h128_m16_n64_w4_k4_s3_sm80"
     batch_decode = make_problem(T=64, B=64, N=32, Nkv=8, H=128, bs=16, num_blocks=64,
                                 max_blocks=1)
-    assert "_m64_" in fk.variant_name(batch_decode, 90)  # T / B = 1 without a hint
+    assert "_m16_n64_w4_k4_" in fk.variant_name(batch_decode, 90)  # T / B = 1 without a hint
     prefill = dataclasses.replace(batch_decode, num_tokens=64 * 100)
     assert "_m128_" in fk.variant_name(prefill, 90)
     assert "_m64_" in fk.variant_name(dataclasses.replace(prefill, max_seqlen_q=8), 90)
@@ -120,7 +121,8 @@ def test_flash_variant_names_are_readable_and_unique():
 def test_flash_tiles_fit_shared_memory(arch):
     for tile in fk.all_tiles(arch):
         assert tile.smem_bytes <= fk.SMEM_LIMIT[arch], tile
-        assert tile.bm % (16 * tile.warps) == 0 and tile.bn % 16 == 0
+        assert tile.bm % (16 * (tile.warps // tile.key_warps)) == 0
+        assert tile.warp_keys % 16 == 0 and tile.warps % tile.key_warps == 0
     heads = {t.head for t in fk.all_tiles(arch)}
     assert heads == set(fk.HEAD_SIZES)
 

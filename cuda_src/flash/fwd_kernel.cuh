@@ -64,6 +64,75 @@ __device__ __noinline__ void poison_partials(float* partial_lse, long long first
   }
 }
 
+// KEY_WARPS > 1: the KEY_WARPS warps of row group row_warp hold partial results of the same
+// rows over disjoint key slices: o and l carry 2^-m of their own reference max m (l already
+// quad-reduced). Rescales each to the group's max and adds them, in key-warp order (so the sum
+// is deterministic), into the leading warp's o, m, l; the others' are left meaningless.
+// scratch: Traits::MERGE_BYTES of shared memory nobody else uses now. Every thread calls it.
+template <class Tr, int MF, int DF>
+__device__ __forceinline__ void merge_key_warps(float (&o)[MF][DF][4], float (&m)[MF][2],
+                                                float (&l)[MF][2], float* scratch,
+                                                int row_warp, int key_warp, int lane) {
+  constexpr int R = Tr::WARP_ROWS;
+  float* m_s = scratch;                      // [WARPS][R]
+  float* l_s = m_s + Tr::WARPS * R;          // [WARPS][R]
+  float* o_s = l_s + Tr::WARPS * R;          // [WARPS][R][HEAD]
+  const int group0 = row_warp * Tr::KEY_WARPS;
+  const int w = group0 + key_warp;
+  if ((lane & 3) == 0) {
+#pragma unroll
+    for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) m_s[w * R + mf * 16 + (lane >> 2) + 8 * h] = m[mf][h];
+  }
+  __syncthreads();
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = mf * 16 + (lane >> 2) + 8 * h;
+      float mx = neg_inf();
+#pragma unroll
+      for (int kw = 0; kw < Tr::KEY_WARPS; ++kw) mx = fmaxf(mx, m_s[(group0 + kw) * R + r]);
+      // mx >= m; a slice that saw no key (m = -inf) contributes nothing
+      const float f = m[mf][h] == neg_inf() ? 0.0f : fast_exp2(m[mf][h] - mx);
+      m[mf][h] = mx;
+      l[mf][h] *= f;
+#pragma unroll
+      for (int d = 0; d < DF; ++d) {
+        o[mf][d][2 * h] *= f;
+        o[mf][d][2 * h + 1] *= f;
+      }
+      if (key_warp != 0) {
+        float* dst = o_s + (w * R + r) * Tr::HEAD + (lane & 3) * 2;
+#pragma unroll
+        for (int d = 0; d < DF; ++d)
+          *reinterpret_cast<float2*>(dst + d * 8) =
+              make_float2(o[mf][d][2 * h], o[mf][d][2 * h + 1]);
+        if ((lane & 3) == 0) l_s[w * R + r] = l[mf][h];
+      }
+    }
+  __syncthreads();
+  if (key_warp != 0) return;
+#pragma unroll
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = mf * 16 + (lane >> 2) + 8 * h;
+#pragma unroll
+      for (int kw = 1; kw < Tr::KEY_WARPS; ++kw) {
+        const float* src = o_s + ((group0 + kw) * R + r) * Tr::HEAD + (lane & 3) * 2;
+#pragma unroll
+        for (int d = 0; d < DF; ++d) {
+          const float2 v = *reinterpret_cast<const float2*>(src + d * 8);
+          o[mf][d][2 * h] += v.x;
+          o[mf][d][2 * h + 1] += v.y;
+        }
+        l[mf][h] += l_s[(group0 + kw) * R + r];
+      }
+    }
+}
+
 template <class Tr>
 __device__ __forceinline__ void fwd(const FwdParams& p) {
   using T = typename Tr::T;
@@ -74,6 +143,10 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   T* sV = sK + Tr::STAGES * Tr::KV_ELEMS;            // STAGES x (BN, ROW)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int kvh = blockIdx.y, split = blockIdx.z, G = p.group, H = p.head_size;
+  // This warp's rows (its row group) and its slice of every key tile (all keys when
+  // KEY_WARPS == 1).
+  const int row_warp = warp / Tr::KEY_WARPS, key_warp = warp % Tr::KEY_WARPS;
+  const int key_off = key_warp * Tr::WARP_KEYS;
 
   // The guard found cum unusable: nothing maps rows to sequences; it wrote every row NaN.
   if (p.fault != nullptr && p.fault[p.batch] != 0) return;
@@ -162,7 +235,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
     for (int h = 0; h < 2; ++h)
-      pos[mf][h] = past + (row0 + warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h) / G;
+      pos[mf][h] = past + (row0 + row_warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h) / G;
 
   float o[MF][DF][4], m[MF][2], l[MF][2];
 #pragma unroll
@@ -177,7 +250,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
 
   const bool capped = p.cap_in > 0.0f;
   const float softmax_scale = capped ? 1.0f : p.scale_log2;  // softcapped scores: log2 domain
-  const T* sQw = sQ + warp * Tr::WARP_ROWS * ROW;  // this warp's rows
+  const T* sQw = sQ + row_warp * Tr::WARP_ROWS * ROW;  // this warp's rows
   int stage = 0;
   for (int kt = my_lo; kt < my_hi; ++kt) {
     cp_async_wait<Tr::STAGES - 2>();  // tile kt has landed (for this thread) ...
@@ -198,8 +271,8 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
       }
       cp_async_commit();
     }
-    const T* sKs = sK + stage * Tr::KV_ELEMS;
-    const T* sVs = sV + stage * Tr::KV_ELEMS;
+    const T* sKs = sK + stage * Tr::KV_ELEMS + key_off * ROW;  // this warp's key slice
+    const T* sVs = sV + stage * Tr::KV_ELEMS + key_off * ROW;
 
     // S = Q K^T (fp32), 16 channels at a time; channels >= H are zero, skipped when whole.
     float s[MF][NF][4];
@@ -233,12 +306,12 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
     const int k0 = kt * Tr::BN;
     const bool need_mask = hole || k0 + Tr::BN - 1 > p_first ||
                            (p.window > 0 && k0 <= p_last - p.window);
-    if (need_mask) mask_scores<MF, NF, ROW, Tr::HEAD>(s, pos, k0, p.window, sKs, lane);
+    if (need_mask) mask_scores<MF, NF, ROW, Tr::HEAD>(s, pos, k0 + key_off, p.window, sKs, lane);
     online_softmax(s, o, m, l, softmax_scale);
 
     // O += P V: the probabilities, rounded to T, are the A fragments (C layout == A layout).
 #pragma unroll
-    for (int kk = 0; kk < Tr::BN / 16; ++kk) {
+    for (int kk = 0; kk < Tr::WARP_KEYS / 16; ++kk) {
       unsigned a[MF][4];
 #pragma unroll
       for (int mf = 0; mf < MF; ++mf) {
@@ -268,20 +341,28 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   reduce_row_sums(l);
   cp_async_wait<0>();  // no copy may land in sQ after the staging below
   __syncthreads();
+  if constexpr (Tr::KEY_WARPS > 1) {
+    // The K/V stages are idle now: they carry the row group's partial results to its
+    // leading warp (key_warp 0), which alone writes the output below.
+    merge_key_warps<Tr>(o, m, l, reinterpret_cast<float*>(sK), row_warp, key_warp, lane);
+  }
+  const bool writer = key_warp == 0;
   if (p.num_splits == 1) {
     // Stage the tile's output rows in sQ, then write whole 16-byte chunks to out (T, N*H).
+    if (writer) {
 #pragma unroll
-    for (int mf = 0; mf < MF; ++mf)
+      for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const float inv = l[mf][h] > 0.0f ? __fdividef(1.0f, l[mf][h]) : 0.0f;  // l >= 1; none: 0
-        T* dst = sQ + (warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h) * ROW +
-                 (lane & 3) * 2;
+        for (int h = 0; h < 2; ++h) {
+          const float inv = l[mf][h] > 0.0f ? __fdividef(1.0f, l[mf][h]) : 0.0f;  // none: 0
+          T* dst = sQ + (row_warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h) * ROW +
+                   (lane & 3) * 2;
 #pragma unroll
-        for (int d = 0; d < DF; ++d)
-          *reinterpret_cast<unsigned*>(dst + d * 8) =
-              pack2<T>(o[mf][d][2 * h] * inv, o[mf][d][2 * h + 1] * inv);
-      }
+          for (int d = 0; d < DF; ++d)
+            *reinterpret_cast<unsigned*>(dst + d * 8) =
+                pack2<T>(o[mf][d][2 * h] * inv, o[mf][d][2 * h + 1] * inv);
+        }
+    }
     __syncthreads();
     T* out = static_cast<T*>(p.out);
 #pragma unroll
@@ -303,8 +384,8 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
     for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const int row = row0 + warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h;
-        if (row >= rows) continue;
+        const int row = row0 + row_warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h;
+        if (!writer || row >= rows) continue;
         const int j = row / G;
         const long long ridx = (static_cast<long long>(split) * p.num_tokens + q_begin + j) *
                                    p.num_heads + static_cast<long long>(kvh) * G + (row - j * G);

@@ -10,7 +10,14 @@ namespace flash {
 constexpr int kSmemSm80 = 166912;  // 163 KB
 constexpr int kSmemSm86 = 101376;  // 99 KB
 
-template <typename T_, int HEAD_, int BM_, int BN_, int WARPS_, int STAGES_, int SMEM_LIMIT_>
+//
+// KEY_WARPS > 1 (decode tiles): the warps form WARPS / KEY_WARPS row groups of KEY_WARPS warps;
+// the warps of a group share its rows and split every key tile into KEY_WARPS slices of
+// WARP_KEYS keys, each with its own online softmax, merged through shared memory at the end
+// (a decode step has G rows per kv head: without the split, all but one warp would multiply
+// zero rows while the keys stream by).
+template <typename T_, int HEAD_, int BM_, int BN_, int WARPS_, int STAGES_, int SMEM_LIMIT_,
+          int KEY_WARPS_ = 1>
 struct Traits {
   using T = T_;
   static constexpr int HEAD = HEAD_;      // padded head size (the MMA's K for Q.K, N for P.V)
@@ -18,10 +25,13 @@ struct Traits {
   static constexpr int BN = BN_;          // keys per tile
   static constexpr int WARPS = WARPS_;
   static constexpr int STAGES = STAGES_;  // K/V tiles in shared memory (STAGES - 1 in flight)
+  static constexpr int KEY_WARPS = KEY_WARPS_;  // warps sharing rows, splitting each key tile
   static constexpr int THREADS = 32 * WARPS;
-  static constexpr int WARP_ROWS = BM / WARPS;
+  static constexpr int ROW_WARPS = WARPS / KEY_WARPS;
+  static constexpr int WARP_ROWS = BM / ROW_WARPS;
+  static constexpr int WARP_KEYS = BN / KEY_WARPS;  // keys of a tile one warp multiplies
   static constexpr int MFRAG = WARP_ROWS / 16;  // 16-row MMA fragments per warp
-  static constexpr int NFRAG = BN / 8;          // 8-key score fragments
+  static constexpr int NFRAG = WARP_KEYS / 8;   // 8-key score fragments per warp
   static constexpr int DFRAG = HEAD / 8;        // 8-channel output fragments
   static constexpr int CHUNKS = HEAD / 8;       // 16-byte chunks per row
   // Shared rows are padded by 16 bytes: (HEAD + 8) / 8 is odd for HEAD % 16 == 0, so the 8 row
@@ -38,8 +48,14 @@ struct Traits {
 
   static_assert(sizeof(T) == 2, "fp16 / bf16 only");
   static_assert(HEAD % 16 == 0 && HEAD >= 16 && HEAD <= 256, "HEAD: multiple of 16, <= 256");
-  static_assert(BM % (16 * WARPS) == 0 && MFRAG >= 1, "each warp owns whole 16-row fragments");
-  static_assert(BN % 16 == 0, "BN: whole 16-key MMA steps");
+  static_assert(KEY_WARPS >= 1 && WARPS % KEY_WARPS == 0, "KEY_WARPS divides WARPS");
+  static_assert(BM % (16 * ROW_WARPS) == 0 && MFRAG >= 1,
+                "each warp owns whole 16-row fragments");
+  static_assert(BN % (16 * KEY_WARPS) == 0, "each warp's key slice: whole 16-key MMA steps");
+  // the merge of a row group's KEY_WARPS partial results (float o, m, l per row and warp)
+  // reuses the K/V stages, idle by then
+  static constexpr int MERGE_BYTES = KEY_WARPS > 1 ? WARPS * WARP_ROWS * (HEAD + 2) * 4 : 0;
+  static_assert(MERGE_BYTES <= 2 * STAGES * KV_ELEMS * 2, "the merge fits the K/V stages");
   static_assert((BM & (BM - 1)) == 0 && (BN & (BN - 1)) == 0, "BM, BN: powers of two");
   static_assert(STAGES >= 2, "STAGES >= 2: tile i + STAGES - 1 loads while tile i computes");
   static_assert(((HEAD + 8) / 8) % 2 == 1, "padded row stride must be an odd number of 16 B");

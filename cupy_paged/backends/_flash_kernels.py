@@ -50,7 +50,8 @@ FWD_SCALARS = ScalarStruct("FwdScalars", (
 
 @dataclass(frozen=True)
 class Tile:
-    """One instantiation's tile: BM query rows x BN keys over a padded head, per tile class."""
+    """One instantiation's tile: BM query rows x BN keys over a padded head, per tile class.
+    key_warps > 1: groups of that many warps share rows and split each key tile (decode)."""
 
     head: int
     bm: int
@@ -58,6 +59,7 @@ class Tile:
     warps: int
     stages: int
     arch: str  # "sm80" (163 KB shared memory per block) or "sm86" (99 KB)
+    key_warps: int = 1
 
     @property
     def threads(self):
@@ -65,7 +67,11 @@ class Tile:
 
     @property
     def mfrag(self):
-        return self.bm // (16 * self.warps)
+        return self.bm // (16 * (self.warps // self.key_warps))
+
+    @property
+    def warp_keys(self):
+        return self.bn // self.key_warps
 
     @property
     def smem_bytes(self):
@@ -90,8 +96,10 @@ def padded_head(head_size):
 def tile_for(head, rows_bound, arch):
     """Tile for padded head ``head`` when sequences have about ``rows_bound`` rows (q_len * G).
 
-    Decode and short chunks: 4 warps of 16 rows, 64 keys a tile (H100, fp16, H 128, bs 16,
-    benchmarks/tile_sweep.py: decode 64 x 4096 at 2704 GB/s = 90% of copy, against 2715 for
+    Decode (rows_bound <= 16): the key-split tile below (not yet measured on a GPU; the
+    row-split tile it replaces, 4 warps of 16 rows x 64 keys, 2 stages: decode 64 x 4096 at
+    2704 GB/s = 90% of copy on the H100, 74.8% on the H200). Short chunks: 4 warps of 16
+    rows, 64 keys a tile (H100, fp16, H 128, bs 16, benchmarks/tile_sweep.py: 2715 GB/s for
     32 keys x 4 stages, 2239 for 128 keys, 2130 for 3 stages). Prefill: 4 warps of 32 rows
     (each K/V fragment feeds two MMAs) and 64 keys a tile up to head 128 (8 x 2048 causal:
     227 TFLOP/s, against 213 for 32 keys, 200 for 8 warps of 16 rows, 197 for 64 rows, 133
@@ -100,6 +108,13 @@ def tile_for(head, rows_bound, arch):
     computes. Any tile is correct for any q_len: speed only.
     """
     small = arch == "sm86"
+    if rows_bound <= 16:
+        # Decode: one 16-row fragment whose warps split each key tile (16 keys a warp), so
+        # every warp multiplies keys instead of zero rows; 64-key tiles, 3 stages where they
+        # fit twice per SM; on ~100 KB parts above head 128, 2 warps on 32-key tiles.
+        if small and head > 128:
+            return Tile(head, 16, 32, 2, 2, arch, key_warps=2)
+        return Tile(head, 16, 64, 4, 3 if head <= 128 and not small else 2, arch, key_warps=4)
     if rows_bound <= 64 or head > 128:
         bn = 64 if head <= (128 if small else 192) else 32
         return Tile(head, 64, bn, 4, 2, arch)
@@ -124,7 +139,8 @@ def problem_tile(problem, sm):
 def fwd_name(dtype, tile):
     """e.g. flash_fwd_f16_h128_m64_n64_w4_s2_sm80: extern "C" symbol, cache file, test id."""
     short = _DTYPES[dtype][0]
-    return (f"flash_fwd_{short}_h{tile.head}_m{tile.bm}_n{tile.bn}_w{tile.warps}"
+    keys = f"_k{tile.key_warps}" if tile.key_warps > 1 else ""
+    return (f"flash_fwd_{short}_h{tile.head}_m{tile.bm}_n{tile.bn}_w{tile.warps}{keys}"
             f"_s{tile.stages}_{tile.arch}")
 
 
@@ -141,7 +157,7 @@ def _register_fwd(dtype, tile):
     ctype = _DTYPES[dtype][1]
     limit = "kSmemSm80" if tile.arch == "sm80" else "kSmemSm86"
     traits = (f"cupy_paged::flash::Traits<{ctype}, {tile.head}, {tile.bm}, {tile.bn}, "
-              f"{tile.warps}, {tile.stages}, cupy_paged::flash::{limit}>")
+              f"{tile.warps}, {tile.stages}, cupy_paged::flash::{limit}, {tile.key_warps}>")
     params = ",\n    ".join(f"{t} {n}" for t, n in FWD_POINTERS)
     args = ", ".join(n for _, n in FWD_POINTERS)
     entry = (FWD_SCALARS.definition +
@@ -180,7 +196,7 @@ def all_tiles(arch):
     """Every tile the heuristic can pick in ``arch`` class, in a stable order."""
     tiles = []
     for head in HEAD_SIZES:
-        for rows in (64, 65):
+        for rows in (16, 64, 65):
             t = tile_for(head, rows, arch)
             if t not in tiles:
                 tiles.append(t)
@@ -200,7 +216,7 @@ def ctas_per_sm(tile, sm):
     """Resident CTAs per SM: shared memory (1 KB reserved per CTA) and an estimate of
     registers (accumulators + scores + ~64), capped by 64 warps per SM."""
     by_smem = _SMEM_PER_SM.get(int(sm), 102400) // (tile.smem_bytes + 1024)
-    regs = min(255, 64 + tile.mfrag * (tile.head // 2 + tile.bn // 2))
+    regs = min(255, 64 + tile.mfrag * (tile.head // 2 + tile.warp_keys // 2))
     by_regs = 65536 // (tile.threads * regs)
     return max(1, min(by_smem, by_regs, 64 // tile.warps, 32))
 
