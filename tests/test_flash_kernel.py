@@ -453,6 +453,34 @@ def test_flash_other_tiles_and_deeper_pipelines(tile, flash_compiled):
         run_flash(case, "bfloat16", 20, num_splits=3)
 
 
+KEY_SPLIT_TILES = [fk.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4),   # the decode pick
+                   fk.Tile(128, 16, 64, 4, 2, "sm80", key_warps=4),
+                   fk.Tile(128, 16, 128, 4, 2, "sm80", key_warps=4),  # 32 keys per warp
+                   fk.Tile(128, 32, 64, 4, 2, "sm80", key_warps=2),   # 2 row groups of 2
+                   fk.Tile(128, 16, 32, 2, 2, "sm86", key_warps=2)]   # the ~100 KB parts' pick
+KEY_SPLIT_CASES = [
+    Case("ks_decode_ctx", lens=((1, 4095), (1, 0), (1, 777), (1, 3000)), N=8, Nkv=2, H=128,
+         bs=16, holes=3),
+    Case("ks_chunks_window", lens=((4, 300), (3, 0), (1, 60), (2, 1000)), N=16, Nkv=2, H=128,
+         bs=3, W=50, softcap=30.0, scale=0.05),
+    Case("ks_mha_prefill", lens=((40, 7), (0, 9), (17, 0)), N=4, Nkv=4, H=128, bs=64,
+         holes=2),
+    Case("ks_mqa_g16", lens=((1, 2000), (2, 33)), N=16, Nkv=1, H=128, bs=1, W=700),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tile", KEY_SPLIT_TILES, ids=lambda t: fk.fwd_name("float16", t))
+@pytest.mark.parametrize("case", KEY_SPLIT_CASES, ids=lambda c: c.name)
+def test_flash_key_split_tiles_match_reference(tile, case, flash_compiled):
+    """Decode tiles whose warps split each key tile: every slice's partial softmax merged
+    (rows that see keys in only some slices, none at all, holes, windows, softcap, G = 1 to 16,
+    split-KV on top), against the reference."""
+    with forced_tile(tile):
+        run_flash(case, "float16", zlib.crc32(case.name.encode()))
+        run_flash(case, "bfloat16", 21, num_splits=3)
+
+
 @pytest.mark.gpu
 def test_flash_hints_pick_smaller_tiles(flash_compiled):
     case = Case("hinted", lens=((5, 11), (16, 0), (1, 40)), H=64, bs=16, N=8, Nkv=2)
