@@ -211,7 +211,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
     if (t < my_hi) {
       KeyRowOffsets<Tr> offsets;
       offsets.look_up(seq, t * Tr::BN, tid);
-      offsets.store(slot(s), tid);
+      offsets.store(seq, slot(s), tid);
     }
     __syncthreads();
     if (t < my_hi) {
@@ -226,7 +226,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
     if (t < my_hi) {
       KeyRowOffsets<Tr> offsets;
       offsets.look_up(seq, t * Tr::BN, tid);
-      offsets.store(slot(Tr::STAGES - 1), tid);
+      offsets.store(seq, slot(Tr::STAGES - 1), tid);
     }
   }
 
@@ -250,7 +250,17 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
 
   const bool capped = p.cap_in > 0.0f;
   const float softmax_scale = capped ? 1.0f : p.scale_log2;  // softcapped scores: log2 domain
-  const T* sQw = sQ + row_warp * Tr::WARP_ROWS * ROW;  // this warp's rows
+  // Shared-memory byte addresses of this lane's ldmatrix rows in the warp's Q rows, and in
+  // stage 0 of its K and V key slice: every fragment address below is one of these, plus the
+  // stage's offset, plus a compile-time constant (one LDSM [R + imm] each, no per-fragment
+  // address arithmetic).
+  const unsigned q_lane =
+      smem_addr(sQ) + 2 * ((row_warp * Tr::WARP_ROWS + (lane & 15)) * ROW + (lane >> 4) * 8);
+  const unsigned k_lane =
+      smem_addr(sK) +
+      2 * ((key_off + (lane & 7) + (lane >> 4) * 8) * ROW + ((lane >> 3) & 1) * 8);
+  const unsigned v_lane = smem_addr(sV) + 2 * ((key_off + (lane & 15)) * ROW + (lane >> 4) * 8);
+  constexpr unsigned KV_BYTES = Tr::KV_ELEMS * 2;
   int stage = 0;
   for (int kt = my_lo; kt < my_hi; ++kt) {
     cp_async_wait<Tr::STAGES - 2>();  // tile kt has landed (for this thread) ...
@@ -271,8 +281,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
       }
       cp_async_commit();
     }
-    const T* sKs = sK + stage * Tr::KV_ELEMS + key_off * ROW;  // this warp's key slice
-    const T* sVs = sV + stage * Tr::KV_ELEMS + key_off * ROW;
+    const unsigned k_stage = k_lane + stage * KV_BYTES, v_stage = v_lane + stage * KV_BYTES;
 
     // S = Q K^T (fp32), 16 channels at a time; channels >= H are zero, skipped when whole.
     float s[MF][NF][4];
@@ -282,59 +291,75 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
       for (int nf = 0; nf < NF; ++nf)
 #pragma unroll
         for (int e = 0; e < 4; ++e) s[mf][nf][e] = 0.0f;
+    // Fragments are loaded one MMA step ahead (two register sets), so an ldmatrix's latency
+    // hides behind the previous step's MMAs instead of stalling the MMAs that use it.
+    {
+      constexpr int NP = NF / 2, STEPS = Tr::HEAD / 16 * NP;  // step = (kk, np)
+      unsigned qa[2][MF][4], kf[2][4];
 #pragma unroll
-    for (int kk = 0; kk < Tr::HEAD / 16; ++kk) {
-      unsigned a[MF][4];
+      for (int mf = 0; mf < MF; ++mf) ldmatrix_x4(qa[0][mf], q_lane + 2 * (mf * 16 * ROW));
+      ldmatrix_x4(kf[0], k_stage);
 #pragma unroll
-      for (int mf = 0; mf < MF; ++mf)
-        ldmatrix_x4(a[mf], smem_addr(sQw + (mf * 16 + (lane & 15)) * ROW + kk * 16 +
-                                     (lane >> 4) * 8));
+      for (int step = 0; step < STEPS; ++step) {
+        const int kk = step / NP, np = step % NP;
+        if (step + 1 < STEPS) {
+          const int kk1 = (step + 1) / NP, np1 = (step + 1) % NP;
+          if (np1 == 0) {
 #pragma unroll
-      for (int np = 0; np < NF / 2; ++np) {
-        unsigned kf[4];
-        ldmatrix_x4(kf, smem_addr(sKs + (np * 16 + (lane & 7) + (lane >> 4) * 8) * ROW +
-                                  kk * 16 + ((lane >> 3) & 1) * 8));
+            for (int mf = 0; mf < MF; ++mf)
+              ldmatrix_x4(qa[kk1 & 1][mf], q_lane + 2 * (mf * 16 * ROW + kk1 * 16));
+          }
+          ldmatrix_x4(kf[(step + 1) & 1], k_stage + 2 * (np1 * 16 * ROW + kk1 * 16));
+        }
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) {
-          mma_16816<T>(s[mf][2 * np], a[mf], kf[0], kf[1]);
-          mma_16816<T>(s[mf][2 * np + 1], a[mf], kf[2], kf[3]);
+          mma_16816<T>(s[mf][2 * np], qa[kk & 1][mf], kf[step & 1][0], kf[step & 1][1]);
+          mma_16816<T>(s[mf][2 * np + 1], qa[kk & 1][mf], kf[step & 1][2], kf[step & 1][3]);
         }
       }
     }
 
     if (capped) softcap_scores(s, p.cap_in, p.cap_out);
     const int k0 = kt * Tr::BN;
-    const bool need_mask = hole || k0 + Tr::BN - 1 > p_first ||
-                           (p.window > 0 && k0 <= p_last - p.window);
-    if (need_mask) mask_scores<MF, NF, ROW, Tr::HEAD>(s, pos, k0 + key_off, p.window, sKs, lane);
+    if (k0 + Tr::BN - 1 > p_first || (p.window > 0 && k0 <= p_last - p.window))
+      mask_causal_window(s, pos, k0 + key_off, p.window, lane);
+    if (hole)
+      mask_unloadable<MF, NF, ROW, Tr::HEAD>(s, sK + stage * Tr::KV_ELEMS + key_off * ROW, lane);
     online_softmax(s, o, m, l, softmax_scale);
 
-    // O += P V: the probabilities, rounded to T, are the A fragments (C layout == A layout).
+    // O += P V: the probabilities, rounded to T, are the A fragments (C layout == A layout);
+    // packed first, so the fp32 scores are dead during the MMAs. V fragments one step ahead.
+    {
+      constexpr int KK = Tr::WARP_KEYS / 16, DP = Tr::HEAD / 16, STEPS = KK * DP;
+      unsigned pa[MF][KK][4];
 #pragma unroll
-    for (int kk = 0; kk < Tr::WARP_KEYS / 16; ++kk) {
-      unsigned a[MF][4];
+      for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
-      for (int mf = 0; mf < MF; ++mf) {
-        a[mf][0] = pack2<T>(s[mf][2 * kk][0], s[mf][2 * kk][1]);
-        a[mf][1] = pack2<T>(s[mf][2 * kk][2], s[mf][2 * kk][3]);
-        a[mf][2] = pack2<T>(s[mf][2 * kk + 1][0], s[mf][2 * kk + 1][1]);
-        a[mf][3] = pack2<T>(s[mf][2 * kk + 1][2], s[mf][2 * kk + 1][3]);
-      }
+        for (int kk = 0; kk < KK; ++kk) {
+          pa[mf][kk][0] = pack2<T>(s[mf][2 * kk][0], s[mf][2 * kk][1]);
+          pa[mf][kk][1] = pack2<T>(s[mf][2 * kk][2], s[mf][2 * kk][3]);
+          pa[mf][kk][2] = pack2<T>(s[mf][2 * kk + 1][0], s[mf][2 * kk + 1][1]);
+          pa[mf][kk][3] = pack2<T>(s[mf][2 * kk + 1][2], s[mf][2 * kk + 1][3]);
+        }
+      unsigned vf[2][4];
+      ldmatrix_x4_trans(vf[0], v_stage);
 #pragma unroll
-      for (int dp = 0; dp < Tr::HEAD / 16; ++dp) {
-        unsigned vf[4];
-        ldmatrix_x4_trans(vf, smem_addr(sVs + (kk * 16 + (lane & 15)) * ROW + dp * 16 +
-                                        (lane >> 4) * 8));
+      for (int step = 0; step < STEPS; ++step) {  // step = (kk, dp)
+        const int kk = step / DP, dp = step % DP;
+        if (step + 1 < STEPS) {
+          const int kk1 = (step + 1) / DP, dp1 = (step + 1) % DP;
+          ldmatrix_x4_trans(vf[(step + 1) & 1], v_stage + 2 * (kk1 * 16 * ROW + dp1 * 16));
+        }
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) {
-          mma_16816<T>(o[mf][2 * dp], a[mf], vf[0], vf[1]);
-          mma_16816<T>(o[mf][2 * dp + 1], a[mf], vf[2], vf[3]);
+          mma_16816<T>(o[mf][2 * dp], pa[mf][kk], vf[step & 1][0], vf[step & 1][1]);
+          mma_16816<T>(o[mf][2 * dp + 1], pa[mf][kk], vf[step & 1][2], vf[step & 1][3]);
         }
       }
     }
     // This stage's pads were last read by the copies of tile kt, issued before this
     // iteration's barrier; the next iteration's barrier publishes them.
-    if (look_ahead) ahead_offsets.store(slot(stage), tid);
+    if (look_ahead) ahead_offsets.store(seq, slot(stage), tid);
     stage = stage + 1 == Tr::STAGES ? 0 : stage + 1;
   }
 

@@ -37,28 +37,46 @@ __device__ __forceinline__ void softcap_scores(float (&s)[MF][NF][4], float cap_
 }
 
 // Sets to -inf every score whose key k = k0 + column is not visible from its row's position p:
-// k <= p (bottom-right causal), k > p - W when W > 0, and the key loadable (flag in the K row's
-// pad, written by load_kv_tile; 0 for unmapped blocks and positions >= kv_len).
-template <int MF, int NF, int ROW, int HEAD, typename T>
-__device__ __forceinline__ void mask_scores(float (&s)[MF][NF][4], const int (&pos)[MF][2],
-                                            int k0, int window, const T* sK, int lane) {
+// k <= p (bottom-right causal) and k > p - W when W > 0. Per row, the limits become column
+// bounds once, so a score costs two compares and a select.
+template <int MF, int NF>
+__device__ __forceinline__ void mask_causal_window(float (&s)[MF][NF][4],
+                                                   const int (&pos)[MF][2], int k0, int window,
+                                                   int lane) {
+  const int key0 = k0 + (lane & 3) * 2;  // key of this thread's first column
 #pragma unroll
-  for (int nf = 0; nf < NF; ++nf) {
+  for (int mf = 0; mf < MF; ++mf)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      // column j = 8 nf + e1 (key key0 + j) is visible iff lo < j <= hi
+      const int hi = pos[mf][h] - key0;
+      const int lo = window > 0 ? hi - window : -(1 << 30);
+#pragma unroll
+      for (int nf = 0; nf < NF; ++nf)
+#pragma unroll
+        for (int e1 = 0; e1 < 2; ++e1) {
+          const int j = nf * 8 + e1;
+          if (j > hi || j <= lo) s[mf][nf][2 * h + e1] = neg_inf();
+        }
+    }
+}
+
+// Sets to -inf every score whose key is not loadable (flag in the K row's pad, written by
+// load_kv_tile: 0 for unmapped blocks and positions >= kv_len). Only tiles with such a key.
+template <int MF, int NF, int ROW, int HEAD, typename T>
+__device__ __forceinline__ void mask_unloadable(float (&s)[MF][NF][4], const T* sK, int lane) {
+#pragma unroll
+  for (int nf = 0; nf < NF; ++nf)
 #pragma unroll
     for (int e1 = 0; e1 < 2; ++e1) {
       const int kr = nf * 8 + (lane & 3) * 2 + e1;
-      const int k = k0 + kr;
-      const bool loadable = *reinterpret_cast<const int*>(sK + kr * ROW + HEAD) != 0;
+      if (*reinterpret_cast<const int*>(sK + kr * ROW + HEAD) == 0) {
 #pragma unroll
-      for (int mf = 0; mf < MF; ++mf)
+        for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int p = pos[mf][h];
-          const bool visible = loadable && k <= p && (window <= 0 || k > p - window);
-          if (!visible) s[mf][nf][2 * h + e1] = neg_inf();
-        }
+          for (int h = 0; h < 2; ++h) s[mf][nf][2 * h + e1] = neg_inf();
+      }
     }
-  }
 }
 
 // Lazy rescaling (the threshold trick of FlashAttention-4, Dao et al. 2025): the exponent

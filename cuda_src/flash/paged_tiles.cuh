@@ -83,25 +83,42 @@ struct PadColumn {
 // Key-row offsets, looked up one tile ahead of the copies that use them, so the block-table
 // lookup's latency hides behind a tile of MMAs instead of stalling every thread before its
 // cp.async (one lookup per key row, any block_size, instead of one per 16-byte chunk). Thread
-// tid resolves rows tid + i * THREADS (i < PER_THREAD) of keys [k0, k0 + BN) through the
-// table, holds them in registers, and stores them in the rows' V pads (-1 = not loadable).
+// tid resolves rows tid + i * THREADS (i < PER_THREAD) of keys [k0, k0 + BN): look_up issues
+// the block-table loads and keeps the raw entries in registers; store, a tile of MMAs later,
+// turns them into byte offsets in the rows' V pads (-1 = not loadable).
 template <class Tr>
 struct KeyRowOffsets {
   static constexpr int PER_THREAD = (Tr::BN + Tr::THREADS - 1) / Tr::THREADS;
-  long long off[PER_THREAD];
+  int block[PER_THREAD];  // block_table entry, or -1 when the key is not loadable
+  int slot[PER_THREAD];   // the key's slot in its block
 
   __device__ __forceinline__ void look_up(const PagedSeq<typename Tr::T>& seq, int k0, int tid) {
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
       const int r = tid + i * Tr::THREADS;
-      off[i] = r < Tr::BN ? seq.offset(k0 + r) : -1;
+      const int pos = k0 + r;
+      block[i] = -1;
+      slot[i] = 0;
+      if (r < Tr::BN && pos >= 0 && pos < seq.kv_len) {
+        const int column = seq.blocks.div(pos);
+        if (column < seq.max_blocks) {
+          block[i] = seq.table_row[column];
+          slot[i] = pos - column * seq.blocks.size;
+        }
+      }
     }
   }
-  __device__ __forceinline__ void store(const PadColumn pads, int tid) const {
+  __device__ __forceinline__ void store(const PagedSeq<typename Tr::T>& seq, const PadColumn pads,
+                                        int tid) const {
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
       const int r = tid + i * Tr::THREADS;
-      if (r < Tr::BN) pads[r] = off[i];
+      if (r < Tr::BN) {
+        const bool ok = block[i] >= 0 && block[i] < seq.num_blocks;
+        pads[r] = ok ? (static_cast<long long>(block[i]) * seq.blocks.size + slot[i]) *
+                           seq.token_stride * static_cast<long long>(sizeof(typename Tr::T))
+                     : -1;
+      }
     }
   }
 };
@@ -111,27 +128,41 @@ struct KeyRowOffsets {
 // loadable and channels >= H, and stores each key's loadable flag in its K row's pad. Returns
 // whether any key this thread touched is not loadable (the CTA-wide OR tells the consumer
 // whether the tile needs masking beyond causal/window).
+//
+// Thread tid always copies the same 16-byte chunk c = tid % CHUNKS of rows tid / CHUNKS + i *
+// ROWS_PER_PASS (threads past ROWS_PER_PASS * CHUNKS idle when CHUNKS does not divide
+// THREADS). The passes are unrolled, so every shared address is a base plus a constant: per
+// row, one shared load of the row's byte offset, two 64-bit adds and the two copies.
 template <class Tr>
 __device__ __forceinline__ bool load_kv_tile(typename Tr::T* sK, typename Tr::T* sV,
                                              const PadColumn sOff,
                                              const PagedSeq<typename Tr::T>& seq,
                                              int head_size, int tid) {
+  constexpr int ROWS_PER_PASS = Tr::THREADS / Tr::CHUNKS;
+  constexpr int PASSES = (Tr::BN + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+  static_assert(ROWS_PER_PASS >= 1, "one row's chunks fit the CTA");
+  const int c = tid % Tr::CHUNKS;
+  const int r_first = tid / Tr::CHUNKS;
   bool hole = false;
-  // Not unrolled: unrolled, ptxas hoists every row's 64-bit address and the 128-row-tile
-  // variants spilled; rolled, the main loop has no spills.
-#pragma unroll 1
-  for (int it = 0; it < Tr::KV_ITERS; ++it) {
-    const int idx = tid + it * Tr::THREADS;
-    if (Tr::BN * Tr::CHUNKS % Tr::THREADS != 0 && idx >= Tr::BN * Tr::CHUNKS) break;
-    const int r = idx / Tr::CHUNKS, c = idx % Tr::CHUNKS;
-    const long long off = sOff[r];
+  if (r_first >= ROWS_PER_PASS) return hole;
+  const bool chunk_ok = c * 8 < head_size;   // channels >= H: zero-filled
+  const char* k_src = reinterpret_cast<const char*>(seq.key_cache) + c * 16;
+  const char* v_src = reinterpret_cast<const char*>(seq.value_cache) + c * 16;
+  const unsigned k_dst = smem_addr(sK + r_first * Tr::ROW + c * 8);
+  const unsigned v_dst = smem_addr(sV + r_first * Tr::ROW + c * 8);
+  int* k_flag = reinterpret_cast<int*>(sK + r_first * Tr::ROW + Tr::HEAD);
+#pragma unroll
+  for (int i = 0; i < PASSES; ++i) {
+    const int r = r_first + i * ROWS_PER_PASS;
+    if (Tr::BN % ROWS_PER_PASS != 0 && r >= Tr::BN) break;
+    const long long off = sOff[r];  // bytes, -1: not loadable
     const bool loadable = off >= 0;
     hole |= !loadable;
-    const bool ok = loadable && c * 8 < head_size;
-    const long long src = ok ? off + c * 8 : 0;
-    cp_async_16(smem_addr(sK + r * Tr::ROW + c * 8), seq.key_cache + src, ok);
-    cp_async_16(smem_addr(sV + r * Tr::ROW + c * 8), seq.value_cache + src, ok);
-    if (c == 0) *reinterpret_cast<int*>(sK + r * Tr::ROW + Tr::HEAD) = loadable ? 1 : 0;
+    const bool ok = loadable && chunk_ok;
+    const long long src = ok ? off : 0;
+    cp_async_16(k_dst + i * ROWS_PER_PASS * Tr::ROW * 2, k_src + src, ok);
+    cp_async_16(v_dst + i * ROWS_PER_PASS * Tr::ROW * 2, v_src + src, ok);
+    if (c == 0) k_flag[i * ROWS_PER_PASS * Tr::ROW / 2] = loadable ? 1 : 0;
   }
   return hole;
 }
