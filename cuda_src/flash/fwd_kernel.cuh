@@ -390,17 +390,19 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
     }
     __syncthreads();
     T* out = static_cast<T*>(p.out);
+    using CR = ChunkRows<Tr, Tr::BM>;
+    const CR cr(tid);
+    if (cr.active() && cr.c * 8 < H) {
+      RowWalk w(row0 + cr.r_first, CR::ROWS_PER_PASS, G);
 #pragma unroll
-    for (int it = 0; it < Tr::Q_ITERS; ++it) {
-      const int idx = tid + it * Tr::THREADS;
-      const int r = idx / Tr::CHUNKS, c = idx % Tr::CHUNKS;
-      const int row = row0 + r;
-      if (idx < Tr::BM * Tr::CHUNKS && row < rows && c * 8 < H) {
-        const int j = row / G;
-        const long long n = static_cast<long long>(kvh) * G + (row - j * G);
-        *reinterpret_cast<uint4*>(out + ((q_begin + j) * static_cast<long long>(p.num_heads) +
-                                         n) * H + c * 8) =
-            *reinterpret_cast<const uint4*>(sQ + r * ROW + c * 8);
+      for (int i = 0; i < CR::PASSES; ++i) {
+        if (!cr.has(i)) break;
+        const int r = cr.row(i);
+        if (row0 + r < rows)
+          *reinterpret_cast<uint4*>(
+              out + ((q_begin + w.j) * static_cast<long long>(p.num_heads) + kvh * G + w.g) *
+                        H + cr.c * 8) = *reinterpret_cast<const uint4*>(sQ + r * ROW + cr.c * 8);
+        w.next();
       }
     }
   } else {

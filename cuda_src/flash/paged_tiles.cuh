@@ -48,28 +48,71 @@ struct PagedSeq {
   }
 };
 
+// (token j, head g) = divmod(row, G) of the rows row, row + step, row + 2 step, ... that one
+// thread visits, kept with adds instead of a division per row (two divisions in all).
+struct RowWalk {
+  int j, g, dj, dg, group;
+  __device__ __forceinline__ RowWalk(int row, int step, int group_) : group(group_) {
+    j = row / group;
+    g = row - j * group;
+    dj = step / group;
+    dg = step - dj * group;
+  }
+  __device__ __forceinline__ void next() {
+    j += dj;
+    g += dg;
+    if (g >= group) {
+      g -= group;
+      ++j;
+    }
+  }
+};
+
+// A (rows x HEAD) tile moved in 16-byte chunks: thread tid always takes chunk c = tid % CHUNKS
+// of rows r_first + i * ROWS_PER_PASS, i < PASSES (threads past ROWS_PER_PASS * CHUNKS idle when
+// CHUNKS does not divide THREADS), so its shared addresses are a base plus constants.
+template <class Tr, int ROWS>
+struct ChunkRows {
+  static constexpr int ROWS_PER_PASS = Tr::THREADS / Tr::CHUNKS;
+  static constexpr int PASSES = (ROWS + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
+  static_assert(ROWS_PER_PASS >= 1, "one row's chunks fit the CTA");
+  int c, r_first;
+  __device__ __forceinline__ explicit ChunkRows(int tid)
+      : c(tid % Tr::CHUNKS), r_first(tid / Tr::CHUNKS) {}
+  __device__ __forceinline__ bool active() const { return r_first < ROWS_PER_PASS; }
+  __device__ __forceinline__ int row(int i) const { return r_first + i * ROWS_PER_PASS; }
+  // pass i has a row (always, when ROWS_PER_PASS divides ROWS)
+  __device__ __forceinline__ bool has(int i) const {
+    return ROWS % ROWS_PER_PASS == 0 || row(i) < ROWS;
+  }
+};
+
 // The Q tile: row r of the tile is sequence row row0 + r = (token j, head g) with j = row / G,
 // g = row % G; rows past `rows` and channels >= H are zero-filled. q: (T, N*H).
 template <class Tr>
 __device__ __forceinline__ void load_q_tile(typename Tr::T* sQ, const typename Tr::T* q,
                                             long long q_begin, int row0, int rows, int group,
                                             int head0, int num_heads, int head_size, int tid) {
+  using CR = ChunkRows<Tr, Tr::BM>;
+  const CR cr(tid);
+  if (!cr.active()) return;
+  const bool chunk_ok = cr.c * 8 < head_size;
+  const unsigned dst = smem_addr(sQ + cr.r_first * Tr::ROW + cr.c * 8);
+  RowWalk w(row0 + cr.r_first, CR::ROWS_PER_PASS, group);
 #pragma unroll
-  for (int it = 0; it < Tr::Q_ITERS; ++it) {
-    const int idx = tid + it * Tr::THREADS;
-    if (Tr::BM * Tr::CHUNKS % Tr::THREADS != 0 && idx >= Tr::BM * Tr::CHUNKS) break;
-    const int r = idx / Tr::CHUNKS, c = idx % Tr::CHUNKS;
-    const int row = row0 + r;
-    const bool ok = row < rows && c * 8 < head_size;
-    const typename Tr::T* src = q;
-    if (ok) {
-      const int j = row / group;
-      const int n = head0 + (row - j * group);
-      src = q + ((q_begin + j) * num_heads + n) * head_size + c * 8;
-    }
-    cp_async_16(smem_addr(sQ + r * Tr::ROW + c * 8), src, ok);
+  for (int i = 0; i < CR::PASSES; ++i) {
+    if (!cr.has(i)) break;
+    const bool ok = row0 + cr.row(i) < rows && chunk_ok;
+    const typename Tr::T* src =
+        ok ? q + ((q_begin + w.j) * num_heads + head0 + w.g) * head_size + cr.c * 8 : q;
+    cp_async_16(dst + i * CR::ROWS_PER_PASS * Tr::ROW * 2, src, ok);
+    w.next();
   }
 }
+
+// A pad's offset for a key that is not loadable: negative, and 0 once the sign bit is cleared
+// (so the masked copy's source address stays the row's base).
+constexpr long long kNotLoadable = -0x7fffffffffffffffLL - 1;
 
 // A column of 64-bit values, one per padded shared-memory row (the pads of a K or V tile).
 struct PadColumn {
@@ -85,7 +128,7 @@ struct PadColumn {
 // cp.async (one lookup per key row, any block_size, instead of one per 16-byte chunk). Thread
 // tid resolves rows tid + i * THREADS (i < PER_THREAD) of keys [k0, k0 + BN): look_up issues
 // the block-table loads and keeps the raw entries in registers; store, a tile of MMAs later,
-// turns them into byte offsets in the rows' V pads (-1 = not loadable).
+// turns them into byte offsets in the rows' V pads (kNotLoadable when the key is not).
 template <class Tr>
 struct KeyRowOffsets {
   static constexpr int PER_THREAD = (Tr::BN + Tr::THREADS - 1) / Tr::THREADS;
@@ -117,7 +160,7 @@ struct KeyRowOffsets {
         const bool ok = block[i] >= 0 && block[i] < seq.num_blocks;
         pads[r] = ok ? (static_cast<long long>(block[i]) * seq.blocks.size + slot[i]) *
                            seq.token_stride * static_cast<long long>(sizeof(typename Tr::T))
-                     : -1;
+                     : kNotLoadable;
       }
     }
   }
@@ -125,46 +168,44 @@ struct KeyRowOffsets {
 
 // Issues the K and V tile of keys [k0, k0 + BN) into sK, sV (BN x ROW each) from the row
 // offsets in sOff (KeyRowOffsets, visible to every thread), zero-filling keys that are not
-// loadable and channels >= H, and stores each key's loadable flag in its K row's pad. Returns
-// whether any key this thread touched is not loadable (the CTA-wide OR tells the consumer
-// whether the tile needs masking beyond causal/window).
+// loadable and channels >= H, and stores each key's loadable flag (nonzero: loadable) in its K
+// row's pad. Returns whether any key this thread touched is not loadable (the CTA-wide OR tells
+// the consumer whether the tile needs masking beyond causal/window).
 //
-// Thread tid always copies the same 16-byte chunk c = tid % CHUNKS of rows tid / CHUNKS + i *
-// ROWS_PER_PASS (threads past ROWS_PER_PASS * CHUNKS idle when CHUNKS does not divide
-// THREADS). The passes are unrolled, so every shared address is a base plus a constant: per
-// row, one shared load of the row's byte offset, two 64-bit adds and the two copies.
+// All of the thread's row offsets are read before its first copy (a copy is a memory clobber,
+// so a read after it could not be hoisted and each would wait out its own latency); per row,
+// then, two 64-bit adds and the two copies.
 template <class Tr>
 __device__ __forceinline__ bool load_kv_tile(typename Tr::T* sK, typename Tr::T* sV,
                                              const PadColumn sOff,
                                              const PagedSeq<typename Tr::T>& seq,
                                              int head_size, int tid) {
-  constexpr int ROWS_PER_PASS = Tr::THREADS / Tr::CHUNKS;
-  constexpr int PASSES = (Tr::BN + ROWS_PER_PASS - 1) / ROWS_PER_PASS;
-  static_assert(ROWS_PER_PASS >= 1, "one row's chunks fit the CTA");
-  const int c = tid % Tr::CHUNKS;
-  const int r_first = tid / Tr::CHUNKS;
-  bool hole = false;
-  if (r_first >= ROWS_PER_PASS) return hole;
-  const bool chunk_ok = c * 8 < head_size;   // channels >= H: zero-filled
-  const char* k_src = reinterpret_cast<const char*>(seq.key_cache) + c * 16;
-  const char* v_src = reinterpret_cast<const char*>(seq.value_cache) + c * 16;
-  const unsigned k_dst = smem_addr(sK + r_first * Tr::ROW + c * 8);
-  const unsigned v_dst = smem_addr(sV + r_first * Tr::ROW + c * 8);
-  int* k_flag = reinterpret_cast<int*>(sK + r_first * Tr::ROW + Tr::HEAD);
+  using CR = ChunkRows<Tr, Tr::BN>;
+  const CR cr(tid);
+  if (!cr.active()) return false;
+  const bool chunk_ok = cr.c * 8 < head_size;   // channels >= H: zero-filled
+  long long off[CR::PASSES];  // bytes; kNotLoadable: not loadable
 #pragma unroll
-  for (int i = 0; i < PASSES; ++i) {
-    const int r = r_first + i * ROWS_PER_PASS;
-    if (Tr::BN % ROWS_PER_PASS != 0 && r >= Tr::BN) break;
-    const long long off = sOff[r];  // bytes, -1: not loadable
-    const bool loadable = off >= 0;
-    hole |= !loadable;
-    const bool ok = loadable && chunk_ok;
-    const long long src = ok ? off : 0;
-    cp_async_16(k_dst + i * ROWS_PER_PASS * Tr::ROW * 2, k_src + src, ok);
-    cp_async_16(v_dst + i * ROWS_PER_PASS * Tr::ROW * 2, v_src + src, ok);
-    if (c == 0) k_flag[i * ROWS_PER_PASS * Tr::ROW / 2] = loadable ? 1 : 0;
+  for (int i = 0; i < CR::PASSES; ++i) off[i] = cr.has(i) ? sOff[cr.row(i)] : 0;
+  const char* k_src = reinterpret_cast<const char*>(seq.key_cache) + cr.c * 16;
+  const char* v_src = reinterpret_cast<const char*>(seq.value_cache) + cr.c * 16;
+  const unsigned k_dst = smem_addr(sK + cr.r_first * Tr::ROW + cr.c * 8);
+  const unsigned v_dst = smem_addr(sV + cr.r_first * Tr::ROW + cr.c * 8);
+  int* k_flag = reinterpret_cast<int*>(sK + cr.r_first * Tr::ROW + Tr::HEAD);
+  int any_hole = 0;  // negative once a row is not loadable
+#pragma unroll
+  for (int i = 0; i < CR::PASSES; ++i) {
+    if (!cr.has(i)) break;
+    const int high = static_cast<int>(off[i] >> 32);  // < 0 iff not loadable
+    any_hole |= high;
+    const bool ok = high >= 0 && chunk_ok;
+    const long long src = off[i] & 0x7fffffffffffffffLL;
+    constexpr int STEP = CR::ROWS_PER_PASS * Tr::ROW;  // elements between a thread's rows
+    cp_async_16(k_dst + i * STEP * 2, k_src + src, ok);
+    cp_async_16(v_dst + i * STEP * 2, v_src + src, ok);
+    if (cr.c == 0) k_flag[i * STEP / 2] = ~(high >> 31);
   }
-  return hole;
+  return any_hole < 0;
 }
 
 }  // namespace flash

@@ -41,10 +41,6 @@ struct Traits {
   static constexpr int Q_ELEMS = BM * ROW;
   static constexpr int KV_ELEMS = BN * ROW;
   static constexpr int SMEM_BYTES = (Q_ELEMS + 2 * STAGES * KV_ELEMS) * 2;
-  // 16-byte chunks per thread: of the Q tile, and of each K and V tile (the last round may be
-  // partial, e.g. HEAD = 80, BN = 32, 128 threads: 320 chunks).
-  static constexpr int Q_ITERS = (BM * CHUNKS + THREADS - 1) / THREADS;
-  static constexpr int KV_ITERS = (BN * CHUNKS + THREADS - 1) / THREADS;
 
   static_assert(sizeof(T) == 2, "fp16 / bf16 only");
   static_assert(HEAD % 16 == 0 && HEAD >= 16 && HEAD <= 256, "HEAD: multiple of 16, <= 256");
