@@ -142,7 +142,12 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   T* sK = sQ + Tr::Q_ELEMS;                          // STAGES x (BN, ROW)
   T* sV = sK + Tr::STAGES * Tr::KV_ELEMS;            // STAGES x (BN, ROW)
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int kvh = blockIdx.y, split = blockIdx.z, G = p.group, H = p.head_size;
+  // blockIdx.x = tile * kv_heads + kvh: the kv heads of one query tile are neighbours in the
+  // launch order, so CTAs running together read the same cache blocks' token rows (the Nkv
+  // heads of a token are adjacent in the cache) rather than 1 / Nkv of each of many blocks.
+  const int tile_x = static_cast<int>(blockIdx.x / p.kv_heads);
+  const int kvh = static_cast<int>(blockIdx.x - tile_x * p.kv_heads);
+  const int split = blockIdx.z, G = p.group, H = p.head_size;
   // This warp's rows (its row group) and its slice of every key tile (all keys when
   // KEY_WARPS == 1).
   const int row_warp = warp / Tr::KEY_WARPS, key_warp = warp % Tr::KEY_WARPS;
@@ -151,7 +156,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   // The guard found cum unusable: nothing maps rows to sequences; it wrote every row NaN.
   if (p.fault != nullptr && p.fault[p.batch] != 0) return;
   // Heavy tiles (last rows of long sequences see the most keys) are launched first.
-  const long long tile = static_cast<long long>(gridDim.x) - 1 - blockIdx.x;
+  const long long tile = static_cast<long long>(gridDim.x / p.kv_heads) - 1 - tile_x;
   const int b = sequence_of_tile<Tr::BM>(p.cum, p.batch, G, tile);
   const int q_begin = p.cum[b];
   const int q_len = p.cum[b + 1] - q_begin;

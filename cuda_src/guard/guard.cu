@@ -36,20 +36,24 @@ __device__ __forceinline__ void fill_nan(uint4* out, long long begin, long long 
   for (long long i = begin + lane; i < end; i += lanes) out[i] = nan;
 }
 
+// Loads in flight per lane while a warp scans a block-table row: a 32k-token sequence at
+// block 16 has 2048 columns, scanned in 4 dependent steps of 512 instead of 16 of 128.
+constexpr int kScanLoads = 16;
+
 // The first column in [0, cols) of `row` holding an id outside [-1, num_blocks), or kNoColumn;
-// the whole warp scans, four coalesced 128-byte loads in flight per step.
+// the whole warp scans, kScanLoads coalesced 128-byte loads in flight per step.
 __device__ __forceinline__ int first_bad_column(const int* row, int cols, int num_blocks,
                                                 int lane) {
   int bad = kNoColumn;
-  for (int c0 = 0; c0 < cols; c0 += 4 * 32) {
-    int id[4];
+  for (int c0 = 0; c0 < cols; c0 += kScanLoads * 32) {
+    int id[kScanLoads];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < kScanLoads; ++u) {
       const int c = c0 + u * 32 + lane;
       id[u] = c < cols ? row[c] : -1;
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < kScanLoads; ++u) {
       if ((id[u] < -1 || id[u] >= num_blocks) && bad == kNoColumn) bad = c0 + u * 32 + lane;
     }
     if (__any_sync(kFullMask, bad != kNoColumn)) break;  // the lowest bad column is in this step

@@ -301,9 +301,9 @@ def _plan(problem, sm, sm_count, num_splits):
         raise ValueError(f"num_splits must be in [1, 65535], got {num_splits}")
     T, B, N, Nkv, H, G = (problem.num_tokens, problem.batch, problem.num_heads,
                           problem.kv_num_heads, problem.head_size, problem.group)
-    grid_x = -(-T * G // tile.bm) + B
-    if grid_x >= 2 ** 31 or Nkv > 65535:
-        raise ValueError(f"grid ({grid_x}, {Nkv}, {splits}) exceeds CUDA's limits")
+    grid_x = (-(-T * G // tile.bm) + B) * Nkv  # (query tile, kv head) pairs, kv head fastest
+    if grid_x >= 2 ** 31:
+        raise ValueError(f"grid ({grid_x}, 1, {splits}) exceeds CUDA's limits")
     bs, shift, magic, magic_shift = block_divisor(problem.block_size)
     cap = problem.softcap if problem.softcap > 0 else 0.0
     scalars = FWD_SCALARS.pack(
@@ -315,7 +315,7 @@ def _plan(problem, sm, sm_count, num_splits):
     combine = _register_combine(problem.dtype)
     items = rows * H // 4
     combine_grid = (max(1, min(-(-items // _COMBINE_THREADS), 16 * sm_count)), 1, 1)
-    return _Plan(name, combine, tile.smem_bytes, (grid_x, Nkv, splits), (tile.threads, 1, 1),
+    return _Plan(name, combine, tile.smem_bytes, (grid_x, 1, splits), (tile.threads, 1, 1),
                  splits, scalars, combine_grid, (i32(rows), i32(H), i32(splits)), i32(B))
 
 

@@ -48,14 +48,14 @@ def _launcher(problem, device):
         return entry[2]
     T, N, Nkv, H = problem.num_tokens, problem.num_heads, problem.kv_num_heads, problem.head_size
     write_q = problem.packed or problem.do_rotary
-    items = T * ((N if write_q else 0) + 2 * Nkv) * (H // 8)
     scalars = SCALARS.pack(
         T, problem.batch, N, Nkv, H, problem.block_size, problem.num_blocks,
         problem.max_blocks, problem.rotary_dim if problem.do_rotary else 0,
         problem.cos_rows if problem.do_rotary else 0, problem.packed, problem.do_rotary,
         problem.rotary_interleaved, write_q)
     launch = DirectLaunch(get_function(prologue_name(problem.dtype), device=device),
-                          (POINTER,) * 12 + (scalars,), (grid_size(items, device),), (THREADS,))
+                          (POINTER,) * 12 + (scalars,), (grid_size(T * THREADS, device),),
+                          (THREADS,))  # a block per token, up to a wave of blocks
     if len(_launchers) >= _LAUNCHERS_MAX:
         _launchers.clear()
     _launchers[id(problem)] = (problem, device, launch)
