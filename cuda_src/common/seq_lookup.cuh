@@ -22,6 +22,17 @@ __device__ __forceinline__ int sequence_of_row(const int* starts, int batch, lon
   return lo;
 }
 
+// sequence_of_row, trying sequence `guess` first (two loads, issued together): for a guess of
+// row * B / rows, exact for batches of equal lengths (every decode step), the usual chain of
+// ceil(log2(B)) dependent loads becomes one round trip. Any guess gives a correct answer.
+__device__ __forceinline__ int sequence_of_row_from(const int* starts, int batch, long long row,
+                                                    int guess) {
+  if (0 <= guess && guess < batch && starts[guess] <= row && row < starts[guess + 1]) {
+    return guess;
+  }
+  return sequence_of_row(starts, batch, row);
+}
+
 // A grid-stride loop visits rows in increasing order, many in a row from one sequence: remember
 // the last sequence's range [begin, end) and search again only when a row leaves it.
 struct SequenceCursor {

@@ -268,14 +268,16 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   constexpr unsigned KV_BYTES = Tr::KV_ELEMS * 2;
   int stage = 0;
   for (int kt = my_lo; kt < my_hi; ++kt) {
+    // Tile kt + STAGES's block-table loads go out first: they need no shared memory, and their
+    // latency then overlaps the wait below as well as this tile's MMAs (a decode tile has few).
+    const int ahead = kt + Tr::STAGES;
+    const bool look_ahead = ahead < my_hi;
+    KeyRowOffsets<Tr> ahead_offsets;
+    if (look_ahead) ahead_offsets.look_up(seq, ahead * Tr::BN, tid);
     cp_async_wait<Tr::STAGES - 2>();  // tile kt has landed (for this thread) ...
     // ... for every thread; every warp is done with the stage refilled below; and tile
     // kt + STAGES - 1's offsets are visible.
     const bool hole = __syncthreads_or((hole_bits >> stage) & 1u) != 0;
-    const int ahead = kt + Tr::STAGES;  // its table lookup overlaps this tile's MMAs
-    const bool look_ahead = ahead < my_hi;
-    KeyRowOffsets<Tr> ahead_offsets;
-    if (look_ahead) ahead_offsets.look_up(seq, ahead * Tr::BN, tid);
     {
       const int next = kt + Tr::STAGES - 1;
       const int ns = (stage + Tr::STAGES - 1) % Tr::STAGES;

@@ -11,14 +11,17 @@
 namespace cupy_paged {
 namespace prologue {
 
-// Token-major: block x walks tokens t = x, x + gridDim.x, ... (increasing, so the sequence
-// cursor rarely searches); per token, the sequence, position, fault flag and cache slot are
-// found once for the block, and its threads move the token's (head slot s, chunk c) 16-byte
-// items, consecutive threads on consecutive 16 bytes of a row. The item index needs one 32-bit
-// division; 64-bit arithmetic stays on offsets. Head slots: [0, q_heads) are Q heads (only when
-// write_q: packed or rotary input; otherwise the caller attends with query itself), then Nkv K
-// heads, then Nkv V heads.
-//
+// Token-major: block x takes kTokens consecutive tokens at a time (t0 = x kTokens, then
+// + gridDim.x kTokens, ...). Per token, one thread finds the sequence, position, fault flag and
+// cache slot and shares them; then the block's threads move the tokens' (head slot s, chunk c)
+// 16-byte items, consecutive threads on consecutive 16 bytes of a row, with the kTokens loads
+// of an item in flight together. (A version that let every thread redo each token's lookup,
+// 64-bit divisions included, for one 16-byte item, issued ~230 instructions per store and
+// reached a third of the DRAM bandwidth.) Head slots: [0, q_heads) are Q heads (only when
+// write_q: packed or rotary input; otherwise the caller attends with query itself), then Nkv
+// K heads, then Nkv V heads.
+constexpr int kTokens = 4;
+
 template <typename T>
 __device__ __forceinline__ void run(
     const T* __restrict__ query, const T* __restrict__ key, const T* __restrict__ value,
@@ -29,7 +32,7 @@ __device__ __forceinline__ void run(
     int num_tokens, int batch, int num_heads, int kv_heads, int head_size, int block_size,
     int num_blocks, int max_blocks, int rotary_dim, int cos_rows, int packed, int do_rotary,
     int interleaved, int write_q) {
-  if (batch <= 0 || guard::batch_faulted(fault, batch)) return;
+  if (batch <= 0) return;
   const PagedKV<T> kv{key_cache, value_cache, block_table, num_blocks, block_size, kv_heads,
                       head_size, max_blocks};
   const int chunks = head_size / 8;
@@ -38,46 +41,100 @@ __device__ __forceinline__ void run(
   const long long q_width = static_cast<long long>(num_heads) * head_size;
   const long long kv_width = static_cast<long long>(kv_heads) * head_size;
   const long long packed_width = q_width + 2 * kv_width;
-  const int items = slots * chunks;  // per token, <= (256 + 2 * 256) * 32
+  const int items = slots * chunks;  // per token
   const int half = rotary_dim / 2;
-  SequenceCursor seq(cum, batch);
 
-  for (long long t = blockIdx.x; t < num_tokens; t += gridDim.x) {
-    const int b = seq.seek(t);
-    if (guard::sequence_faulted(fault, b)) continue;
-    const long long p = past[b] + (t - seq.begin);  // absolute position of token t
-    const bool has_cos = !do_rotary || (p >= 0 && p < cos_rows);
-    const long long slot = has_cos ? kv.slot(b, p) : -1;  // -1: no K/V write
-    for (int k = threadIdx.x; k < items; k += blockDim.x) {
-      const int s = k / chunks;
-      const int c0 = (k - s * chunks) * 8;
-      // role 0: Q head h, 1: K head h, 2: V head h; `head` points at its H input channels.
-      const int role = s < q_heads ? 0 : s < q_heads + kv_heads ? 1 : 2;
-      const int h = role == 0 ? s : role == 1 ? s - q_heads : s - q_heads - kv_heads;
-      const T* head;
-      if (packed) {
-        const int column = role == 0 ? h : role == 1 ? num_heads + h : num_heads + kv_heads + h;
-        head = query + t * packed_width + static_cast<long long>(column) * head_size;
-      } else {
-        const T* rows = role == 0 ? query : role == 1 ? key : value;
-        head = rows + t * (role == 0 ? q_width : kv_width) + static_cast<long long>(h) * head_size;
+  // Item k of a token: head slot s = k / chunks, channels [c0, c0 + 8); role 0: Q head h,
+  // 1: K head h, 2: V head h; `head` points at its H input channels in token t0's row, and
+  // token t0 + u's are u * stride further.
+  struct Item {
+    int role, h, c0;
+    const T* head;
+    long long stride;
+  };
+  auto item = [&](int k, long long t0) {
+    Item it;
+    const int s = k / chunks;
+    it.c0 = (k - s * chunks) * 8;
+    it.role = s < q_heads ? 0 : s < q_heads + kv_heads ? 1 : 2;
+    it.h = it.role == 0 ? s : it.role == 1 ? s - q_heads : s - q_heads - kv_heads;
+    if (packed) {
+      const int column = it.role == 0 ? it.h
+                         : it.role == 1 ? num_heads + it.h
+                                        : num_heads + kv_heads + it.h;
+      it.stride = packed_width;
+      it.head = query + t0 * packed_width + static_cast<long long>(column) * head_size;
+    } else {
+      const T* rows = it.role == 0 ? query : it.role == 1 ? key : value;
+      it.stride = it.role == 0 ? q_width : kv_width;
+      it.head = rows + t0 * it.stride + static_cast<long long>(it.h) * head_size;
+    }
+    return it;
+  };
+
+  // Per token u of the block's current group, found by thread u (one sequence search and one
+  // table lookup per token, not per thread): position, cache slot (-1: no K/V write) and flags.
+  __shared__ long long s_pos[kTokens], s_slot[kTokens];
+  __shared__ int s_flags[kTokens];  // bit 0: skipped (past the end, or a fault); bit 1: cos row
+  for (long long t0 = static_cast<long long>(blockIdx.x) * kTokens; t0 < num_tokens;
+       t0 += static_cast<long long>(gridDim.x) * kTokens) {
+    const int n_tok = static_cast<int>(min(static_cast<long long>(kTokens), num_tokens - t0));
+    if (threadIdx.x < n_tok) {
+      const long long t = t0 + threadIdx.x;
+      // Guessing row * B / T, exact for equal lengths (every decode step): one round trip.
+      // With a batch fault cum may be anything; the search still stays inside its arrays.
+      const int b = sequence_of_row_from(cum, batch, t, static_cast<int>(t * batch / num_tokens));
+      const long long pos = past[b] + (t - cum[b]);  // absolute position of token t
+      const bool has_cos = !do_rotary || (pos >= 0 && pos < cos_rows);
+      const bool skip = guard::batch_faulted(fault, batch) || guard::sequence_faulted(fault, b);
+      s_pos[threadIdx.x] = pos;
+      s_slot[threadIdx.x] = !skip && has_cos ? kv.slot(b, pos) : -1;
+      s_flags[threadIdx.x] = (skip ? 1 : 0) | (has_cos ? 2 : 0);
+    }
+    // The first item's loads go out before the lookups are waited for (they need none).
+    int k = threadIdx.x;
+    Item it = item(k, t0);
+    Vec8<T> x[kTokens];
+    if (k < items) {
+#pragma unroll
+      for (int u = 0; u < kTokens; ++u)
+        if (u < n_tok) x[u] = Vec8<T>::load(it.head + u * it.stride + it.c0);
+    }
+    __syncthreads();
+    while (k < items) {
+#pragma unroll
+      for (int u = 0; u < kTokens; ++u) {
+        // The lookups stay in shared memory (broadcast reads): in registers they cost the
+        // occupancy that hides this loop's latency.
+        const int flags = s_flags[u];
+        const long long slot = s_slot[u];
+        if (u >= n_tok || (flags & 1) != 0 || (it.role != 0 && slot < 0)) continue;  // no write
+        const bool has_cos = (flags & 2) != 0;
+        if (do_rotary && has_cos && it.role != 2 && it.c0 < rotary_dim) {  // V, >= R: copied
+          float y[8];
+          x[u].to_float(y);
+          const long long pos = s_pos[u];
+          rotate_chunk8(y, it.head + u * it.stride, it.c0, rotary_dim, interleaved != 0,
+                        cos_cache + pos * half, sin_cache + pos * half);
+          x[u] = Vec8<T>::from_float(y);
+        }
+        if (it.role == 0) {
+          if (!has_cos) x[u] = Vec8<T>::fill(__int_as_float(0x7fc00000));  // quiet NaN
+          x[u].store(q_out + ((t0 + u) * num_heads + it.h) * head_size + it.c0);
+        } else {
+          x[u].store((it.role == 1 ? key_cache : value_cache) + slot + it.h * head_size +
+                     it.c0);
+        }
       }
-      if (role != 0 && slot < 0) continue;  // nothing to write
-      Vec8<T> x = Vec8<T>::load(head + c0);
-      if (do_rotary && has_cos && role != 2 && c0 < rotary_dim) {  // V and channels >= R: copied
-        float y[8];
-        x.to_float(y);
-        rotate_chunk8(y, head, c0, rotary_dim, interleaved != 0, cos_cache + p * half,
-                      sin_cache + p * half);
-        x = Vec8<T>::from_float(y);
-      }
-      if (role == 0) {
-        if (!has_cos) x = Vec8<T>::fill(__int_as_float(0x7fc00000));  // quiet NaN
-        x.store(q_out + (t * num_heads + h) * head_size + c0);
-      } else {
-        x.store((role == 1 ? key_cache : value_cache) + slot + h * head_size + c0);
+      k += blockDim.x;
+      if (k < items) {
+        it = item(k, t0);
+#pragma unroll
+        for (int u = 0; u < kTokens; ++u)
+          if (u < n_tok) x[u] = Vec8<T>::load(it.head + u * it.stride + it.c0);
       }
     }
+    __syncthreads();  // every thread is done with the lookups before the next group's
   }
 }
 

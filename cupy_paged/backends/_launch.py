@@ -23,20 +23,22 @@ BLOCKS_PER_SM = 8
 DTYPES = {"float16": ("f16", "__half", 50), "bfloat16": ("bf16", "__nv_bfloat16", 80)}
 
 
-def entry_point(name, ctype, args, body):
-    """``extern "C" __global__ void name(args) { body }`` with THREADS as its launch bound."""
-    return (f'extern "C" __global__ void __launch_bounds__({THREADS})\n'
+def entry_point(name, ctype, args, body, min_blocks=None):
+    """``extern "C" __global__ void name(args) { body }`` with THREADS as its launch bound
+    (and ``min_blocks`` resident blocks per SM asked of the register allocator, if given)."""
+    bounds = THREADS if min_blocks is None else f"{THREADS}, {min_blocks}"
+    return (f'extern "C" __global__ void __launch_bounds__({bounds})\n'
             f"{name}({args.format(T=ctype)}) {{\n  {body}\n}}\n")
 
 
-def register_per_dtype(prefix, source, args, call, preamble=""):
+def register_per_dtype(prefix, source, args, call, preamble="", min_blocks=None):
     """Register ``<prefix>_f16`` / ``<prefix>_bf16`` from ``source``: entries calling
     ``call.format(T=ctype)`` with ``args`` (a ``{T}``-templated parameter list), after
-    ``preamble`` (e.g. a ``ScalarStruct.definition``)."""
+    ``preamble`` (e.g. a ``ScalarStruct.definition``); ``min_blocks`` as in entry_point."""
     return tuple(
         register(KernelSpec(f"{prefix}_{suffix}", source,
                             preamble + entry_point(f"{prefix}_{suffix}", ctype, args,
-                                                   call.format(T=ctype)),
+                                                   call.format(T=ctype), min_blocks),
                             min_arch=min_sm))
         for suffix, ctype, min_sm in DTYPES.values())
 

@@ -33,8 +33,10 @@ def prologue_name(dtype):
 
 SPECS = register_per_dtype("prologue", "prologue/prologue.cu", _PROLOGUE_ARGS,
                            f"cupy_paged::prologue::run<{{T}}>({_PROLOGUE_CALL});",
-                           preamble=SCALARS.definition)
+                           preamble=SCALARS.definition,
+                           min_blocks=3)  # <= 85 registers: 3 x 256 threads an SM hide the lookups
 
+_TOKENS_PER_BLOCK = 4  # prologue.cu kTokens
 _launchers: dict = {}  # id(problem) -> (problem, device, DirectLaunch)
 _LAUNCHERS_MAX = 256
 
@@ -54,8 +56,9 @@ def _launcher(problem, device):
         problem.cos_rows if problem.do_rotary else 0, problem.packed, problem.do_rotary,
         problem.rotary_interleaved, write_q)
     launch = DirectLaunch(get_function(prologue_name(problem.dtype), device=device),
-                          (POINTER,) * 12 + (scalars,), (grid_size(T * THREADS, device),),
-                          (THREADS,))  # a block per token, up to a wave of blocks
+                          (POINTER,) * 12 + (scalars,),
+                          (grid_size(-(-T // _TOKENS_PER_BLOCK) * THREADS, device),),
+                          (THREADS,))  # 4 tokens a block, up to a wave of blocks
     if len(_launchers) >= _LAUNCHERS_MAX:
         _launchers.clear()
     _launchers[id(problem)] = (problem, device, launch)
