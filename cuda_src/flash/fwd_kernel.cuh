@@ -195,8 +195,8 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   seq.num_blocks = p.num_blocks;
   seq.blocks = p.blocks;
 
-  // Key-row offsets: the tile bound for stage st keeps row r's offset in the 16-byte pad of
-  // its V row r (the copies and ldmatrix touch only the first HEAD channels of a row).
+  // Key-row offsets: the tile bound for stage st keeps row r's byte offset in the 16-byte pad
+  // of its V row r (the copies and ldmatrix touch only the first HEAD channels of a row).
   // Iteration kt issues the copies of tile kt + STAGES - 1 from its offsets and looks up tile
   // kt + STAGES, bound for the stage being computed, into that stage's pads.
   auto slot = [&](int st) {

@@ -33,19 +33,6 @@ struct PagedSeq {
   int max_blocks;
   int num_blocks;
   BlockDiv blocks;
-
-  // Element offset of key pos from key_cache / value_cache, or -1 when it is not loadable
-  // (outside [0, kv_len), past the table, or in an unmapped / out-of-range block). 64-bit: caches
-  // past 2^31 elements are real.
-  __device__ __forceinline__ long long offset(int pos) const {
-    if (pos < 0 || pos >= kv_len) return -1;
-    const int column = blocks.div(pos);
-    if (column >= max_blocks) return -1;
-    const int block = table_row[column];
-    if (block < 0 || block >= num_blocks) return -1;
-    const int slot = pos - column * blocks.size;
-    return (static_cast<long long>(block) * blocks.size + slot) * token_stride;
-  }
 };
 
 // (token j, head g) = divmod(row, G) of the rows row, row + step, row + 2 step, ... that one
@@ -128,7 +115,9 @@ struct PadColumn {
 // cp.async (one lookup per key row, any block_size, instead of one per 16-byte chunk). Thread
 // tid resolves rows tid + i * THREADS (i < PER_THREAD) of keys [k0, k0 + BN): look_up issues
 // the block-table loads and keeps the raw entries in registers; store, a tile of MMAs later,
-// turns them into byte offsets in the rows' V pads (kNotLoadable when the key is not).
+// turns them into byte offsets in the rows' V pads, 64-bit (caches past 2^31 elements are
+// real), or kNotLoadable for a key outside [0, kv_len), past the table, or in an unmapped or
+// out-of-range block.
 template <class Tr>
 struct KeyRowOffsets {
   static constexpr int PER_THREAD = (Tr::BN + Tr::THREADS - 1) / Tr::THREADS;
