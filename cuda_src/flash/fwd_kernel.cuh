@@ -2,6 +2,7 @@
 // query heads of a kv head are packed into the tile's rows (row = token * G + g), so K/V tiles
 // are read once per kv head and a decode step still fills the MMA's 16 rows.
 #pragma once
+#include "flash/key_warps.cuh"
 #include "flash/mma.cuh"
 #include "flash/online_softmax.cuh"
 #include "flash/paged_tiles.cuh"
@@ -62,75 +63,6 @@ __device__ __noinline__ void poison_partials(float* partial_lse, long long first
     partial_lse[(first_row + j) * num_heads + head0 + (row - j * group)] =
         __int_as_float(0x7fc00000);
   }
-}
-
-// KEY_WARPS > 1: the KEY_WARPS warps of row group row_warp hold partial results of the same
-// rows over disjoint key slices: o and l carry 2^-m of their own reference max m (l already
-// quad-reduced). Rescales each to the group's max and adds them, in key-warp order (so the sum
-// is deterministic), into the leading warp's o, m, l; the others' are left meaningless.
-// scratch: Traits::MERGE_BYTES of shared memory nobody else uses now. Every thread calls it.
-template <class Tr, int MF, int DF>
-__device__ __forceinline__ void merge_key_warps(float (&o)[MF][DF][4], float (&m)[MF][2],
-                                                float (&l)[MF][2], float* scratch,
-                                                int row_warp, int key_warp, int lane) {
-  constexpr int R = Tr::WARP_ROWS;
-  float* m_s = scratch;                      // [WARPS][R]
-  float* l_s = m_s + Tr::WARPS * R;          // [WARPS][R]
-  float* o_s = l_s + Tr::WARPS * R;          // [WARPS][R][HEAD]
-  const int group0 = row_warp * Tr::KEY_WARPS;
-  const int w = group0 + key_warp;
-  if ((lane & 3) == 0) {
-#pragma unroll
-    for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-      for (int h = 0; h < 2; ++h) m_s[w * R + mf * 16 + (lane >> 2) + 8 * h] = m[mf][h];
-  }
-  __syncthreads();
-#pragma unroll
-  for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = mf * 16 + (lane >> 2) + 8 * h;
-      float mx = neg_inf();
-#pragma unroll
-      for (int kw = 0; kw < Tr::KEY_WARPS; ++kw) mx = fmaxf(mx, m_s[(group0 + kw) * R + r]);
-      // mx >= m; a slice that saw no key (m = -inf) contributes nothing
-      const float f = m[mf][h] == neg_inf() ? 0.0f : fast_exp2(m[mf][h] - mx);
-      m[mf][h] = mx;
-      l[mf][h] *= f;
-#pragma unroll
-      for (int d = 0; d < DF; ++d) {
-        o[mf][d][2 * h] *= f;
-        o[mf][d][2 * h + 1] *= f;
-      }
-      if (key_warp != 0) {
-        float* dst = o_s + (w * R + r) * Tr::HEAD + (lane & 3) * 2;
-#pragma unroll
-        for (int d = 0; d < DF; ++d)
-          *reinterpret_cast<float2*>(dst + d * 8) =
-              make_float2(o[mf][d][2 * h], o[mf][d][2 * h + 1]);
-        if ((lane & 3) == 0) l_s[w * R + r] = l[mf][h];
-      }
-    }
-  __syncthreads();
-  if (key_warp != 0) return;
-#pragma unroll
-  for (int mf = 0; mf < MF; ++mf)
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const int r = mf * 16 + (lane >> 2) + 8 * h;
-#pragma unroll
-      for (int kw = 1; kw < Tr::KEY_WARPS; ++kw) {
-        const float* src = o_s + ((group0 + kw) * R + r) * Tr::HEAD + (lane & 3) * 2;
-#pragma unroll
-        for (int d = 0; d < DF; ++d) {
-          const float2 v = *reinterpret_cast<const float2*>(src + d * 8);
-          o[mf][d][2 * h] += v.x;
-          o[mf][d][2 * h + 1] += v.y;
-        }
-        l[mf][h] += l_s[(group0 + kw) * R + r];
-      }
-    }
 }
 
 template <class Tr>
