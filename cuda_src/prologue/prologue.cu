@@ -20,6 +20,18 @@ namespace prologue {
 // reached a third of the DRAM bandwidth.) Head slots: [0, q_heads) are Q heads (only when
 // write_q: packed or rotary input; otherwise the caller attends with query itself), then Nkv
 // K heads, then Nkv V heads.
+//
+// query: (T, N*H), or packed (T, (N + 2*Nkv)*H) = [Q heads | K heads | V heads]
+// key, value: (T, Nkv*H) each (unused when packed)
+// key_cache, value_cache: (num_blocks, block_size, Nkv, H), written at slot(b, p) only
+// cum: (B+1,), past: (B,), block_table: (B, max_blocks), all int32
+// fault: the metadata guard's (B+1,) int32 verdict, or nullptr: nothing is written when
+// fault[B] != 0, and the tokens of a sequence with fault[b] != 0 are skipped (no q_out row, no
+// K/V write).
+// cos_cache, sin_cache: (cos_rows, R/2) (unused without rotary); q_out: (T, N, H)
+// Without the guard, a token whose position has no cos/sin row gets NaN in q_out and writes no
+// K/V, and the sequence search and PagedKV::slot stay inside their arrays for any
+// cum/past/table values: wrong input never turns into an access outside an array.
 constexpr int kTokens = 4;
 
 template <typename T>
