@@ -7,7 +7,9 @@
 Times nothing itself: the calls are those ``benchmarks/run.py`` times (``peers.build_ours``,
 ``peers.build_mea_attention_only`` for ``--backend mea-attn``, and torch SDPA on the dense
 equivalent for ``--backend sdpa-flash`` / ``sdpa-efficient`` / ``sdpa-cudnn``, so one ncu
-session can profile our kernel and the peer's on the same case).
+session can profile our kernel and the peer's on the same case). ``benchmarks/sass_profile.py``
+summarises a report's per-instruction counters (``ncu -i REPORT --page source --csv
+--print-source sass``).
 """
 from __future__ import annotations
 

@@ -318,3 +318,48 @@ def test_plot_draws_the_committed_h100_results(tmp_path):
     path = REPO_RESULTS / "nvidia-h100-80gb-hbm3.backends-quick-2026-11-25.json"
     out = plot.plot(json.loads(path.read_text()), tmp_path / "chart.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# --- ncu source counters -> executed instructions per HMMA --------------------------------
+def _sass_csv(rows):
+    """ncu --page source --csv shape: kernel line, header, one row per SASS instruction."""
+    header = ["Address", "Source", "Warp Stall Sampling (All Samples)",
+              "Warp Stall Sampling (Not-issued Samples)", "Instructions Executed",
+              "stall_wait", "stall_long_sb", "stall_wait (Not Issued)"]
+    lines = ['"Kernel Name","k",', ",".join(f'"{h}"' for h in header)]
+    for addr, src, samples, executed, wait, long_sb in rows:
+        lines.append(",".join(f'"{v}"' for v in (addr, src, samples, 0, executed, wait,
+                                                  long_sb, 0)))
+    return lines
+
+
+def test_sass_profile_counts_executions_not_static_instructions():
+    from benchmarks import sass_profile
+
+    # a loop body of 2 HMMA + 1 LDSM run 100 times, a copy loop of 2 instructions run 800
+    # times, 3 instructions run once: 6 static instructions, 1903 executed, 200 HMMA
+    rows = [("0x10", "      LDC R1, c[0x0][0x28]", 1, 1, 1, 0),
+            ("0x20", "      S2R R0, SR_TID.X", 0, 1, 0, 0),
+            ("0x30", "      LDGSTS.E.BYPASS.128 [R2], desc[UR4][R4.64]", 5, 800, 0, 5),
+            ("0x40", "  @P0 BRA 0x30", 1, 800, 1, 0),
+            ("0x50", "      LDSM.16.M88.4 R8, [R3]", 2, 100, 0, 2),
+            ("0x60", "      HMMA.16816.F32 R12, R8, R16, R12", 10, 100, 9, 1),
+            ("0x70", "  @!P1 HMMA.16816.F32 R20, R8, R18, R20", 4, 100, 4, 0),
+            ("0x80", "      EXIT", 0, 1, 0, 0)]
+    kernel, instr = sass_profile.read(_sass_csv(rows))
+    assert kernel == "k" and len(instr) == 8
+    assert [i.opcode for i in instr][:4] == ["LDC", "S2R", "LDGSTS", "BRA"]
+    assert instr[6].opcode == "HMMA" and instr[6].stalls == {"wait": 4, "long_sb": 0}
+    text = "\n".join(sass_profile.summary(instr))
+    assert "executed instructions 1,903" in text
+    assert "HMMA 200: 9.52 instructions per HMMA" in text
+    assert "wait" in text and "long_sb" in text
+    # the copy loop (2 instructions x 800) is its own group, and the largest by executions
+    assert "    2 x        800 =     0.00 M" in text
+
+
+def test_sass_profile_rejects_other_csv():
+    from benchmarks import sass_profile
+
+    with pytest.raises(ValueError, match="not ncu source-page CSV"):
+        sass_profile.read(['"Kernel Name","k",', '"ID","Name"', '"1","x"'])
