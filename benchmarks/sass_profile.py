@@ -41,8 +41,11 @@ class Instruction:
 def read(path_or_lines):
     """The kernel's name and its instructions from ncu's ``--page source --csv`` output (the
     first line names the kernel, the second is the header)."""
-    lines = path_or_lines if isinstance(path_or_lines, list) else open(path_or_lines).read(
-    ).splitlines()
+    if isinstance(path_or_lines, list):
+        lines = path_or_lines
+    else:
+        with open(path_or_lines) as f:
+            lines = f.read().splitlines()
     rows = list(csv.reader(lines))
     kernel = rows[0][1] if len(rows[0]) > 1 else rows[0][0]
     header = rows[1]
