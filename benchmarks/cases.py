@@ -219,13 +219,15 @@ class Metadata:
     num_blocks: int
 
 
-def build_metadata(case, seed=0):
-    """cum, past and a shuffled block table covering exactly the blocks the case needs."""
+def build_metadata(case, seed=0, shuffle=True):
+    """cum, past and a block table covering exactly the blocks the case needs: shuffled, or
+    with ``shuffle=False`` in order (each sequence's blocks contiguous, like a dense cache)."""
     rng = np.random.default_rng(seed)
     cum = np.zeros(case.batch + 1, dtype=np.int32)
     cum[1:] = np.cumsum(case.q_lens, dtype=np.int64)
     past = np.asarray(case.past, dtype=np.int32).reshape(case.batch)
-    perm = rng.permutation(case.num_blocks).astype(np.int32)
+    perm = (rng.permutation(case.num_blocks) if shuffle else np.arange(case.num_blocks)).astype(
+        np.int32)
     table = np.full((case.batch, case.max_blocks), -1, dtype=np.int32)
     start = 0
     for b, n in enumerate(case.blocks_per_seq):

@@ -2,15 +2,16 @@
 SDPA FLASH peer and the device copy bandwidth measured in the same process.
 
     python benchmarks/tile_sweep.py --case prefill_8x2048 --tile 128,32,4,2 128,64,4,2 \
-        [--splits 0 2 4] [--block-size 16 256]
+        [--splits 0 2 4] [--block-size 16 256] [--peers flash cudnn] [--tables shuffled ordered]
 
-A tile is BM,BN,WARPS,STAGES[,KEY_WARPS] (cupy_paged/backends/_flash_kernels.Tile); --splits 0 is the
-planner's choice. Every timed output row is checked against float32 torch first. For choosing
+A tile is BM,BN,WARPS,STAGES[,KEY_WARPS[,SWIZZLE]] (cupy_paged/backends/_flash_kernels.Tile);
+--splits 0 is the planner's choice. Every timed output row is checked against float32 torch first. For choosing
 the heuristic in ``_flash_kernels.tile_for``; `benchmarks/run.py` gives the reported numbers.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -22,10 +23,10 @@ from benchmarks import cases as C  # noqa: E402
 
 
 def _tile(fk, case, spec, arch):
-    """A Tile from "BM,BN,WARPS,STAGES[,KEY_WARPS]"."""
-    bm, bn, warps, stages, *key_warps = map(int, spec.split(","))
+    """A Tile from "BM,BN,WARPS,STAGES[,KEY_WARPS[,SWIZZLE]]" (SWIZZLE 0 or 1)."""
+    bm, bn, warps, stages, *rest = map(int, spec.split(","))
     return fk.Tile(fk.padded_head(case.head_size), bm, bn, warps, stages, arch,
-                   key_warps=key_warps[0] if key_warps else 1)
+                   key_warps=rest[0] if rest else 1, swizzle=len(rest) > 1 and bool(rest[1]))
 
 
 def main(argv=None):
@@ -34,9 +35,13 @@ def main(argv=None):
     p.add_argument("--block-size", dest="block_sizes", nargs="+", type=int,
                    default=[C.DEFAULT_BLOCK_SIZE])
     p.add_argument("--tile", dest="tiles", nargs="+", default=[],
-                   help="BM,BN,WARPS,STAGES[,KEY_WARPS]; none: the heuristic's tile only")
+                   help="BM,BN,WARPS,STAGES[,KEY_WARPS[,SWIZZLE]]; none: the heuristic's tile only")
     p.add_argument("--splits", nargs="+", type=int, default=[0])
     p.add_argument("--no-peer", action="store_true")
+    p.add_argument("--peers", nargs="+", default=["flash"], choices=("flash", "cudnn"),
+                   help="SDPA backends timed on the dense equivalent")
+    p.add_argument("--tables", nargs="+", default=["shuffled"], choices=("shuffled", "ordered"),
+                   help="block tables: shuffled (a server's) and/or in order (dense-like)")
     p.add_argument("--json", default=None, help="write the records here")
     args = p.parse_args(argv)
 
@@ -52,17 +57,17 @@ def main(argv=None):
     heuristic_plan, heuristic_tile = fk._plan, fk.problem_tile
     records = []
     for name in args.cases:
-        for bs in args.block_sizes:
+        for bs, table in itertools.product(args.block_sizes, args.tables):
             case = C.make_case(name, bs)
-            meta = C.build_metadata(case)
+            meta = C.build_metadata(case, shuffle=table == "shuffled")
             n_sets = C.n_input_sets(case.min_bytes(), 50 << 20)
             sets = peers.make_sets(case, meta, n_sets)
             ref = peers.reference_rows(case, meta, sets[0], C.sample_rows(case))
             flops, nbytes = case.flops(), case.min_bytes()
-            if not args.no_peer:
-                impl = peers.build_sdpa("flash", case, meta, sets, False)
+            for peer in [] if args.no_peer else args.peers:
+                impl = peers.build_sdpa(peer, case, meta, sets, False)
                 t = timing.bench(impl.fn, len(sets), **tkw)["ms"]
-                _report(records, name, bs, "sdpa:flash", "-", t, flops, nbytes, None)
+                _report(records, name, bs, f"sdpa:{peer}", table, t, flops, nbytes, None)
                 peers.drop_dense(sets)
             sm = torch.cuda.get_device_capability()
             arch = fk.arch_class(10 * sm[0] + sm[1])
@@ -77,8 +82,9 @@ def main(argv=None):
                         fk._plan = (lambda problem, sm, n, ns, s=splits:
                                     heuristic_plan(problem, sm, n, s))
                     label = "heuristic" if tile is None else (
-                        f"m{tile.bm}n{tile.bn}w{tile.warps}s{tile.stages}")
-                    label += f" splits={splits or 'plan'}"
+                        f"m{tile.bm}n{tile.bn}w{tile.warps}k{tile.key_warps}s{tile.stages}"
+                        f"{'x' if tile.swizzle else ''}")
+                    label += f" splits={splits or 'plan'} {table}"
                     try:
                         impl = peers.build_ours("flash", case, meta, sets)
                         out = impl.fn(0)

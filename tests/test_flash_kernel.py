@@ -95,11 +95,15 @@ def test_flash_compile_each_template_for(arch, flash_cache_dir):
 def test_flash_variant_names_are_readable_and_unique():
     names = fk.all_variant_names("sm80") + fk.all_variant_names("sm86")[:-2]  # one combine
     assert len(names) == len(set(names))
-    pattern = re.compile(r"flash_fwd_(f16|bf16)_h\d+_m\d+_n\d+_w\d(_k\d)?_s\d_sm8[06]|flash_combine_b?f16")
+    pattern = re.compile(
+        r"flash_fwd_(f16|bf16)_h\d+_m\d+_n\d+_w\d(_k\d)?_s\d(_swz)?_sm8[06]|flash_combine_b?f16")
     assert all(pattern.fullmatch(n) for n in names), names
     decode = make_problem(T=4, B=4, N=8, Nkv=2, H=128, bs=16, num_blocks=64, max_blocks=16)
     # decode (G rows per kv head): one 16-row fragment, four warps splitting each key tile
-    assert fk.variant_name(decode, 80) == "flash_fwd_f16_h128_m16_n64_w4_k4_s3_sm80"
+    assert fk.variant_name(decode, 80) == "flash_fwd_f16_h128_m16_n64_w4_k4_s3_swz_sm80"
+    # swizzled rows only where the head is whole 128-byte lines of a power-of-two chunk count
+    assert "_swz_" not in fk.variant_name(dataclasses.replace(decode, head_size=96), 80)
+    assert "_swz_" in fk.variant_name(dataclasses.replace(decode, head_size=256), 86)
     batch_decode = make_problem(T=64, B=64, N=32, Nkv=8, H=128, bs=16, num_blocks=64,
                                 max_blocks=1)
     assert "_m16_n64_w4_k4_" in fk.variant_name(batch_decode, 90)  # T / B = 1 without a hint
@@ -115,6 +119,15 @@ def test_flash_variant_names_are_readable_and_unique():
         fk.variant_name(dataclasses.replace(decode, dtype="float32"), 80)
     with pytest.raises(ValueError, match="head_size 264"):
         fk.padded_head(264)
+
+
+def test_flash_swizzled_tile_needs_a_line_sized_head():
+    with pytest.raises(ValueError, match="swizzled tile needs head in"):
+        fk.Tile(96, 16, 64, 4, 3, "sm80", key_warps=4, swizzle=True)
+    padded = fk.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4)
+    swizzled = dataclasses.replace(padded, swizzle=True)
+    # rows of 128 elements instead of 136, plus 12 bytes of side data per key and stage
+    assert padded.smem_bytes - swizzled.smem_bytes == (16 + 6 * 64) * 8 * 2 - 12 * 3 * 64
 
 
 @pytest.mark.parametrize("arch", ["sm80", "sm86"])
@@ -442,10 +455,13 @@ def test_flash_long_prefill(dtype, flash_compiled):
 @pytest.mark.gpu
 @pytest.mark.parametrize("tile", [fk.Tile(128, 64, 32, 4, 4, "sm80"),
                                   fk.Tile(128, 128, 64, 4, 3, "sm80"),
-                                  fk.Tile(128, 16, 64, 1, 2, "sm80")],
+                                  fk.Tile(128, 16, 64, 1, 2, "sm80"),
+                                  fk.Tile(128, 128, 64, 4, 2, "sm80", swizzle=True),
+                                  fk.Tile(128, 64, 32, 4, 4, "sm80", swizzle=True)],
                          ids=lambda t: fk.fwd_name("float16", t))
 def test_flash_other_tiles_and_deeper_pipelines(tile, flash_compiled):
-    """Tiles the heuristic does not pick today (STAGES 3 and 4, one warp) stay correct."""
+    """Tiles the heuristic does not pick today (STAGES 3 and 4, one warp, swizzled rows for
+    many row groups) stay correct."""
     case = Case("tiles", lens=((1, 3000), (70, 500), (0, 3), (200, 0)), N=8, Nkv=2, H=128,
                 bs=16, holes=4, W=1000)
     with forced_tile(tile):
@@ -453,11 +469,13 @@ def test_flash_other_tiles_and_deeper_pipelines(tile, flash_compiled):
         run_flash(case, "bfloat16", 20, num_splits=3)
 
 
-KEY_SPLIT_TILES = [fk.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4),   # the decode pick
+KEY_SPLIT_TILES = [fk.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4, swizzle=True),  # the pick
+                   fk.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4),   # padded rows
                    fk.Tile(128, 16, 64, 4, 2, "sm80", key_warps=4),
-                   fk.Tile(128, 16, 128, 4, 2, "sm80", key_warps=4),  # 32 keys per warp
+                   fk.Tile(128, 16, 128, 4, 2, "sm80", key_warps=4, swizzle=True),  # 32 keys/warp
                    fk.Tile(128, 32, 64, 4, 2, "sm80", key_warps=2),   # 2 row groups of 2
-                   fk.Tile(128, 16, 32, 2, 2, "sm86", key_warps=2)]   # the ~100 KB parts' pick
+                   fk.Tile(128, 32, 64, 4, 2, "sm80", key_warps=2, swizzle=True),
+                   fk.Tile(128, 16, 32, 2, 2, "sm86", key_warps=2, swizzle=True)]  # sm86 pick
 KEY_SPLIT_CASES = [
     Case("ks_decode_ctx", lens=((1, 4095), (1, 0), (1, 777), (1, 3000)), N=8, Nkv=2, H=128,
          bs=16, holes=3),

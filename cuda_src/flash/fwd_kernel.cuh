@@ -68,11 +68,16 @@ __device__ __noinline__ void poison_partials(float* partial_lse, long long first
 template <class Tr>
 __device__ __forceinline__ void fwd(const FwdParams& p) {
   using T = typename Tr::T;
-  constexpr int MF = Tr::MFRAG, NF = Tr::NFRAG, DF = Tr::DFRAG, ROW = Tr::ROW;
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sQ = reinterpret_cast<T*>(smem_raw);            // (BM, ROW); reused to stage the output
-  T* sK = sQ + Tr::Q_ELEMS;                          // STAGES x (BN, ROW)
-  T* sV = sK + Tr::STAGES * Tr::KV_ELEMS;            // STAGES x (BN, ROW)
+  using L = typename Tr::Layout;
+  constexpr int MF = Tr::MFRAG, NF = Tr::NFRAG, DF = Tr::DFRAG, ROW_BYTES = Tr::ROW_BYTES;
+  constexpr unsigned KV_BYTES = Tr::KV_BYTES;
+  // 128-byte alignment: the swizzled layout's address arithmetic needs whole lines
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  unsigned char* const sQ = smem_raw;                   // BM rows; reused to stage the output
+  unsigned char* const sK = sQ + Tr::Q_BYTES;           // STAGES x BN rows
+  unsigned char* const sV = sK + Tr::STAGES * KV_BYTES;  // STAGES x BN rows
+  unsigned char* const side = sV + Tr::STAGES * KV_BYTES;  // key side data (swizzled layout)
+  const unsigned q_addr = smem_addr(sQ), k_addr = smem_addr(sK), v_addr = smem_addr(sV);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // blockIdx.x = tile * kv_heads + kvh: the kv heads of one query tile are neighbours in the
   // launch order, so CTAs running together read the same cache blocks' token rows (the Nkv
@@ -127,19 +132,18 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   seq.num_blocks = p.num_blocks;
   seq.blocks = p.blocks;
 
-  // Key-row offsets: the tile bound for stage st keeps row r's byte offset in the 16-byte pad
-  // of its V row r (the copies and ldmatrix touch only the first HEAD channels of a row).
-  // Iteration kt issues the copies of tile kt + STAGES - 1 from its offsets and looks up tile
-  // kt + STAGES, bound for the stage being computed, into that stage's pads.
-  auto slot = [&](int st) {
-    return PadColumn{reinterpret_cast<unsigned char*>(sV + st * Tr::KV_ELEMS + Tr::HEAD),
-                     Tr::ROW * 2};
-  };
+  // Key side data of the tile bound for stage st (Layout::offsets, Layout::flags): row r's
+  // byte offset in the cache, and its loadable flag (padded rows keep them in the V and K row
+  // pads, which the copies and ldmatrix never touch). Iteration kt issues the copies of tile
+  // kt + STAGES - 1 from its offsets and looks up tile kt + STAGES, bound for the stage being
+  // computed, into that stage's offsets.
+  auto slot = [&](int st) { return L::offsets(sK, sV, side, st); };
+  auto flags = [&](int st) { return L::flags(sK, sV, side, st); };
 
   // Prologue: Q and the first STAGES - 1 K/V tiles, one commit group per tile (Q rides in the
   // first), each after its offsets are in shared memory; then tile my_lo + STAGES - 1's
   // offsets. hole_bits bit s: this thread saw an unloadable key in the tile of stage s.
-  load_q_tile<Tr>(sQ, static_cast<const T*>(p.q), q_begin, row0, rows, G, kvh * G,
+  load_q_tile<Tr>(q_addr, static_cast<const T*>(p.q), q_begin, row0, rows, G, kvh * G,
                   p.num_heads, H, tid);
   unsigned hole_bits = 0;
 #pragma unroll
@@ -152,8 +156,8 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
     }
     __syncthreads();
     if (t < my_hi) {
-      const bool h = load_kv_tile<Tr>(sK + s * Tr::KV_ELEMS, sV + s * Tr::KV_ELEMS, slot(s),
-                                      seq, H, tid);
+      const bool h = load_kv_tile<Tr>(k_addr + s * KV_BYTES, v_addr + s * KV_BYTES, slot(s),
+                                      flags(s), seq, H, tid);
       hole_bits |= static_cast<unsigned>(h) << s;
     }
     cp_async_commit();
@@ -188,16 +192,14 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   const bool capped = p.cap_in > 0.0f;
   const float softmax_scale = capped ? 1.0f : p.scale_log2;  // softcapped scores: log2 domain
   // Shared-memory byte addresses of this lane's ldmatrix rows in the warp's Q rows, and in
-  // stage 0 of its K and V key slice: every fragment address below is one of these, plus the
-  // stage's offset, plus a compile-time constant (one LDSM [R + imm] each, no per-fragment
-  // address arithmetic).
+  // stage 0 of its K and V key slice: every fragment address below is L::step of one of these
+  // plus the stage's offset plus a compile-time multiple of 16 rows (padded rows: one
+  // LDSM [R + imm] each; swizzled rows: an XOR as well).
   const unsigned q_lane =
-      smem_addr(sQ) + 2 * ((row_warp * Tr::WARP_ROWS + (lane & 15)) * ROW + (lane >> 4) * 8);
+      L::lane_base(q_addr, row_warp * Tr::WARP_ROWS + (lane & 15), lane >> 4);
   const unsigned k_lane =
-      smem_addr(sK) +
-      2 * ((key_off + (lane & 7) + (lane >> 4) * 8) * ROW + ((lane >> 3) & 1) * 8);
-  const unsigned v_lane = smem_addr(sV) + 2 * ((key_off + (lane & 15)) * ROW + (lane >> 4) * 8);
-  constexpr unsigned KV_BYTES = Tr::KV_ELEMS * 2;
+      L::lane_base(k_addr, key_off + (lane & 7) + (lane >> 4) * 8, (lane >> 3) & 1);
+  const unsigned v_lane = L::lane_base(v_addr, key_off + (lane & 15), lane >> 4);
   int stage = 0;
   for (int kt = my_lo; kt < my_hi; ++kt) {
     // Tile kt + STAGES's block-table loads go out first: they need no shared memory, and their
@@ -214,8 +216,8 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
       const int next = kt + Tr::STAGES - 1;
       const int ns = (stage + Tr::STAGES - 1) % Tr::STAGES;
       if (next < my_hi) {
-        const bool h = load_kv_tile<Tr>(sK + ns * Tr::KV_ELEMS, sV + ns * Tr::KV_ELEMS,
-                                        slot(ns), seq, H, tid);
+        const bool h = load_kv_tile<Tr>(k_addr + ns * KV_BYTES, v_addr + ns * KV_BYTES,
+                                        slot(ns), flags(ns), seq, H, tid);
         hole_bits = (hole_bits & ~(1u << ns)) | (static_cast<unsigned>(h) << ns);
       }
       cp_async_commit();
@@ -236,7 +238,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
       constexpr int NP = NF / 2, STEPS = Tr::HEAD / 16 * NP;  // step = (kk, np)
       unsigned qa[2][MF][4], kf[2][4];
 #pragma unroll
-      for (int mf = 0; mf < MF; ++mf) ldmatrix_x4(qa[0][mf], q_lane + 2 * (mf * 16 * ROW));
+      for (int mf = 0; mf < MF; ++mf) ldmatrix_x4(qa[0][mf], q_lane + mf * 16 * ROW_BYTES);
       ldmatrix_x4(kf[0], k_stage);
 #pragma unroll
       for (int step = 0; step < STEPS; ++step) {
@@ -246,9 +248,9 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
           if (np1 == 0) {
 #pragma unroll
             for (int mf = 0; mf < MF; ++mf)
-              ldmatrix_x4(qa[kk1 & 1][mf], q_lane + 2 * (mf * 16 * ROW + kk1 * 16));
+              ldmatrix_x4(qa[kk1 & 1][mf], L::step(q_lane + mf * 16 * ROW_BYTES, kk1));
           }
-          ldmatrix_x4(kf[(step + 1) & 1], k_stage + 2 * (np1 * 16 * ROW + kk1 * 16));
+          ldmatrix_x4(kf[(step + 1) & 1], L::step(k_stage + np1 * 16 * ROW_BYTES, kk1));
         }
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) {
@@ -263,7 +265,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
     if (k0 + Tr::BN - 1 > p_first || (p.window > 0 && k0 <= p_last - p.window))
       mask_causal_window(s, pos, k0 + key_off, p.window, lane);
     if (hole)
-      mask_unloadable<MF, NF, ROW, Tr::HEAD>(s, sK + stage * Tr::KV_ELEMS + key_off * ROW, lane);
+      mask_unloadable(s, flags(stage), key_off, lane);
     online_softmax(s, o, m, l, softmax_scale);
 
     // O += P V: the probabilities, rounded to T, are the A fragments (C layout == A layout);
@@ -287,7 +289,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
         const int kk = step / DP, dp = step % DP;
         if (step + 1 < STEPS) {
           const int kk1 = (step + 1) / DP, dp1 = (step + 1) % DP;
-          ldmatrix_x4_trans(vf[(step + 1) & 1], v_stage + 2 * (kk1 * 16 * ROW + dp1 * 16));
+          ldmatrix_x4_trans(vf[(step + 1) & 1], L::step(v_stage + kk1 * 16 * ROW_BYTES, dp1));
         }
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf) {
@@ -319,11 +321,10 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const float inv = l[mf][h] > 0.0f ? __fdividef(1.0f, l[mf][h]) : 0.0f;  // none: 0
-          T* dst = sQ + (row_warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h) * ROW +
-                   (lane & 3) * 2;
+          const int r = row_warp * Tr::WARP_ROWS + mf * 16 + (lane >> 2) + 8 * h;
 #pragma unroll
           for (int d = 0; d < DF; ++d)
-            *reinterpret_cast<unsigned*>(dst + d * 8) =
+            *reinterpret_cast<unsigned*>(sQ + L::at(r, d) + (lane & 3) * 4) =
                 pack2<T>(o[mf][d][2 * h] * inv, o[mf][d][2 * h + 1] * inv);
         }
     }
@@ -340,7 +341,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
         if (row0 + r < rows)
           *reinterpret_cast<uint4*>(
               out + ((q_begin + w.j) * static_cast<long long>(p.num_heads) + kvh * G + w.g) *
-                        H + cr.c * 8) = *reinterpret_cast<const uint4*>(sQ + r * ROW + cr.c * 8);
+                        H + cr.c * 8) = *reinterpret_cast<const uint4*>(sQ + L::at(r, cr.c));
         w.next();
       }
     }

@@ -61,16 +61,18 @@ __device__ __forceinline__ void mask_causal_window(float (&s)[MF][NF][4],
     }
 }
 
-// Sets to -inf every score whose key is not loadable (flag in the K row's pad, written by
-// load_kv_tile: 0 for unmapped blocks and positions >= kv_len). Only tiles with such a key.
-template <int MF, int NF, int ROW, int HEAD, typename T>
-__device__ __forceinline__ void mask_unloadable(float (&s)[MF][NF][4], const T* sK, int lane) {
+// Sets to -inf every score whose key is not loadable: flags[key_off + k] is key k's flag in this
+// warp's slice (written by load_kv_tile: 0 for unmapped blocks and positions >= kv_len; any
+// int column, e.g. smem_layout.cuh's SideColumn<int>). Only tiles with such a key.
+template <int MF, int NF, class Flags>
+__device__ __forceinline__ void mask_unloadable(float (&s)[MF][NF][4], const Flags& flags,
+                                                int key_off, int lane) {
 #pragma unroll
   for (int nf = 0; nf < NF; ++nf)
 #pragma unroll
     for (int e1 = 0; e1 < 2; ++e1) {
       const int kr = nf * 8 + (lane & 3) * 2 + e1;
-      if (*reinterpret_cast<const int*>(sK + kr * ROW + HEAD) == 0) {
+      if (flags[key_off + kr] == 0) {
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf)
 #pragma unroll

@@ -3,6 +3,7 @@
 // block table one tile ahead (any block_size >= 1).
 #pragma once
 #include "flash/mma.cuh"
+#include "flash/smem_layout.cuh"
 
 namespace cupy_paged {
 namespace flash {
@@ -77,14 +78,15 @@ struct ChunkRows {
 // The Q tile: row r of the tile is sequence row row0 + r = (token j, head g) with j = row / G,
 // g = row % G; rows past `rows` and channels >= H are zero-filled. q: (T, N*H).
 template <class Tr>
-__device__ __forceinline__ void load_q_tile(typename Tr::T* sQ, const typename Tr::T* q,
+__device__ __forceinline__ void load_q_tile(unsigned sQ, const typename Tr::T* q,
                                             long long q_begin, int row0, int rows, int group,
                                             int head0, int num_heads, int head_size, int tid) {
   using CR = ChunkRows<Tr, Tr::BM>;
   const CR cr(tid);
   if (!cr.active()) return;
   const bool chunk_ok = cr.c * 8 < head_size;
-  const unsigned dst = smem_addr(sQ + cr.r_first * Tr::ROW + cr.c * 8);
+  using L = typename Tr::Layout;
+  const unsigned dst = sQ + L::at(cr.r_first, cr.c);
   RowWalk w(row0 + cr.r_first, CR::ROWS_PER_PASS, group);
 #pragma unroll
   for (int i = 0; i < CR::PASSES; ++i) {
@@ -92,7 +94,7 @@ __device__ __forceinline__ void load_q_tile(typename Tr::T* sQ, const typename T
     const bool ok = row0 + cr.row(i) < rows && chunk_ok;
     const typename Tr::T* src =
         ok ? q + ((q_begin + w.j) * num_heads + head0 + w.g) * head_size + cr.c * 8 : q;
-    cp_async_16(dst + i * CR::ROWS_PER_PASS * Tr::ROW * 2, src, ok);
+    cp_async_16(L::rows_on(dst, i * CR::ROWS_PER_PASS), src, ok);
     w.next();
   }
 }
@@ -101,23 +103,14 @@ __device__ __forceinline__ void load_q_tile(typename Tr::T* sQ, const typename T
 // (so the masked copy's source address stays the row's base).
 constexpr long long kNotLoadable = -0x7fffffffffffffffLL - 1;
 
-// A column of 64-bit values, one per padded shared-memory row (the pads of a K or V tile).
-struct PadColumn {
-  unsigned char* base;  // the first row's pad
-  int row_bytes;
-  __device__ __forceinline__ long long& operator[](int r) const {
-    return *reinterpret_cast<long long*>(base + r * row_bytes);
-  }
-};
-
 // Key-row offsets, looked up one tile ahead of the copies that use them, so the block-table
 // lookup's latency hides behind a tile of MMAs instead of stalling every thread before its
 // cp.async (one lookup per key row, any block_size, instead of one per 16-byte chunk). Thread
 // tid resolves rows tid + i * THREADS (i < PER_THREAD) of keys [k0, k0 + BN): look_up issues
 // the block-table loads and keeps the raw entries in registers; store, a tile of MMAs later,
-// turns them into byte offsets in the rows' V pads, 64-bit (caches past 2^31 elements are
-// real), or kNotLoadable for a key outside [0, kv_len), past the table, or in an unmapped or
-// out-of-range block.
+// turns them into byte offsets in the stage's offset column (Layout::offsets), 64-bit (caches
+// past 2^31 elements are real), or kNotLoadable for a key outside [0, kv_len), past the
+// table, or in an unmapped or out-of-range block.
 template <class Tr>
 struct KeyRowOffsets {
   static constexpr int PER_THREAD = (Tr::BN + Tr::THREADS - 1) / Tr::THREADS;
@@ -140,8 +133,8 @@ struct KeyRowOffsets {
       }
     }
   }
-  __device__ __forceinline__ void store(const PagedSeq<typename Tr::T>& seq, const PadColumn pads,
-                                        int tid) const {
+  __device__ __forceinline__ void store(const PagedSeq<typename Tr::T>& seq,
+                                        const SideColumn<long long> pads, int tid) const {
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
       const int r = tid + i * Tr::THREADS;
@@ -155,18 +148,19 @@ struct KeyRowOffsets {
   }
 };
 
-// Issues the K and V tile of keys [k0, k0 + BN) into sK, sV (BN x ROW each) from the row
-// offsets in sOff (KeyRowOffsets, visible to every thread), zero-filling keys that are not
-// loadable and channels >= H, and stores each key's loadable flag (nonzero: loadable) in its K
-// row's pad. Returns whether any key this thread touched is not loadable (the CTA-wide OR tells
+// Issues the K and V tile of keys [k0, k0 + BN) into the stages at shared addresses sK, sV from
+// the row offsets in sOff (KeyRowOffsets, visible to every thread), zero-filling keys that are
+// not loadable and channels >= H, and stores each key's loadable flag (nonzero: loadable) in
+// flags. Returns whether any key this thread touched is not loadable (the CTA-wide OR tells
 // the consumer whether the tile needs masking beyond causal/window).
 //
 // All of the thread's row offsets are read before its first copy (a copy is a memory clobber,
 // so a read after it could not be hoisted and each would wait out its own latency); per row,
 // then, two 64-bit adds and the two copies.
 template <class Tr>
-__device__ __forceinline__ bool load_kv_tile(typename Tr::T* sK, typename Tr::T* sV,
-                                             const PadColumn sOff,
+__device__ __forceinline__ bool load_kv_tile(unsigned sK, unsigned sV,
+                                             const SideColumn<long long> sOff,
+                                             const SideColumn<int> flags,
                                              const PagedSeq<typename Tr::T>& seq,
                                              int head_size, int tid) {
   using CR = ChunkRows<Tr, Tr::BN>;
@@ -178,9 +172,9 @@ __device__ __forceinline__ bool load_kv_tile(typename Tr::T* sK, typename Tr::T*
   for (int i = 0; i < CR::PASSES; ++i) off[i] = cr.has(i) ? sOff[cr.row(i)] : 0;
   const char* k_src = reinterpret_cast<const char*>(seq.key_cache) + cr.c * 16;
   const char* v_src = reinterpret_cast<const char*>(seq.value_cache) + cr.c * 16;
-  const unsigned k_dst = smem_addr(sK + cr.r_first * Tr::ROW + cr.c * 8);
-  const unsigned v_dst = smem_addr(sV + cr.r_first * Tr::ROW + cr.c * 8);
-  int* k_flag = reinterpret_cast<int*>(sK + cr.r_first * Tr::ROW + Tr::HEAD);
+  using L = typename Tr::Layout;
+  const int at = L::at(cr.r_first, cr.c);
+  const unsigned k_dst = sK + at, v_dst = sV + at;
   int any_hole = 0;  // negative once a row is not loadable
 #pragma unroll
   for (int i = 0; i < CR::PASSES; ++i) {
@@ -189,10 +183,9 @@ __device__ __forceinline__ bool load_kv_tile(typename Tr::T* sK, typename Tr::T*
     any_hole |= high;
     const bool ok = high >= 0 && chunk_ok;
     const long long src = off[i] & 0x7fffffffffffffffLL;
-    constexpr int STEP = CR::ROWS_PER_PASS * Tr::ROW;  // elements between a thread's rows
-    cp_async_16(k_dst + i * STEP * 2, k_src + src, ok);
-    cp_async_16(v_dst + i * STEP * 2, v_src + src, ok);
-    if (cr.c == 0) k_flag[i * STEP / 2] = ~(high >> 31);
+    cp_async_16(L::rows_on(k_dst, i * CR::ROWS_PER_PASS), k_src + src, ok);
+    cp_async_16(L::rows_on(v_dst, i * CR::ROWS_PER_PASS), v_src + src, ok);
+    if (cr.c == 0) flags[cr.row(i)] = ~(high >> 31);
   }
   return any_hole < 0;
 }

@@ -1,7 +1,9 @@
 // Tile constants of one flash-kernel instantiation and the invariants they must satisfy: a
 // (BM query rows) x (BN keys) tile over a padded head of HEAD channels, WARPS warps of 16*MFRAG
 // rows each, STAGES shared-memory buffers of K/V tiles, all inside the arch's shared memory.
+// SWIZZLE: the tiles' rows in shared memory are swizzled rather than padded (smem_layout.cuh).
 #pragma once
+#include "flash/smem_layout.cuh"
 
 namespace cupy_paged {
 namespace flash {
@@ -17,7 +19,7 @@ constexpr int kSmemSm86 = 101376;  // 99 KB
 // (a decode step has G rows per kv head: without the split, all but one warp would multiply
 // zero rows while the keys stream by).
 template <typename T_, int HEAD_, int BM_, int BN_, int WARPS_, int STAGES_, int SMEM_LIMIT_,
-          int KEY_WARPS_ = 1>
+          int KEY_WARPS_ = 1, bool SWIZZLE_ = false>
 struct Traits {
   using T = T_;
   static constexpr int HEAD = HEAD_;      // padded head size (the MMA's K for Q.K, N for P.V)
@@ -34,13 +36,13 @@ struct Traits {
   static constexpr int NFRAG = WARP_KEYS / 8;   // 8-key score fragments per warp
   static constexpr int DFRAG = HEAD / 8;        // 8-channel output fragments
   static constexpr int CHUNKS = HEAD / 8;       // 16-byte chunks per row
-  // Shared rows are padded by 16 bytes: (HEAD + 8) / 8 is odd for HEAD % 16 == 0, so the 8 row
-  // addresses of an ldmatrix hit 8 distinct 16-byte bank groups (no conflicts). The pad of each
-  // K row also holds that key's "loadable" flag (an int at element HEAD).
-  static constexpr int ROW = HEAD + 8;
-  static constexpr int Q_ELEMS = BM * ROW;
-  static constexpr int KV_ELEMS = BN * ROW;
-  static constexpr int SMEM_BYTES = (Q_ELEMS + 2 * STAGES * KV_ELEMS) * 2;
+  // Rows of the Q, K and V tiles in shared memory (flash/smem_layout.cuh): padded by 16 bytes,
+  // or swizzled.
+  using Layout = typename RowLayout<SWIZZLE_, HEAD, BN, STAGES>::type;
+  static constexpr int ROW_BYTES = Layout::ROW_BYTES;
+  static constexpr int Q_BYTES = BM * ROW_BYTES;
+  static constexpr int KV_BYTES = BN * ROW_BYTES;  // one stage of K (or of V)
+  static constexpr int SMEM_BYTES = Q_BYTES + 2 * STAGES * KV_BYTES + Layout::SIDE_BYTES;
 
   static_assert(sizeof(T) == 2, "fp16 / bf16 only");
   static_assert(HEAD % 16 == 0 && HEAD >= 16 && HEAD <= 256, "HEAD: multiple of 16, <= 256");
@@ -51,10 +53,12 @@ struct Traits {
   // the merge of a row group's KEY_WARPS partial results (float o, m, l per row and warp)
   // reuses the K/V stages, idle by then
   static constexpr int MERGE_BYTES = KEY_WARPS > 1 ? WARPS * WARP_ROWS * (HEAD + 2) * 4 : 0;
-  static_assert(MERGE_BYTES <= 2 * STAGES * KV_ELEMS * 2, "the merge fits the K/V stages");
+  static_assert(MERGE_BYTES <= 2 * STAGES * KV_BYTES, "the merge fits the K/V stages");
   static_assert((BM & (BM - 1)) == 0 && (BN & (BN - 1)) == 0, "BM, BN: powers of two");
   static_assert(STAGES >= 2, "STAGES >= 2: tile i + STAGES - 1 loads while tile i computes");
-  static_assert(((HEAD + 8) / 8) % 2 == 1, "padded row stride must be an odd number of 16 B");
+  // swizzled rows: a thread's rows r_first + i * (THREADS / CHUNKS) keep r_first's low bits
+  static_assert(!SWIZZLE_ || (CHUNKS & (CHUNKS - 1)) == 0, "swizzled rows: CHUNKS a power of 2");
+  static_assert(Q_BYTES % 128 == 0 && KV_BYTES % 128 == 0, "tiles start on 128-byte lines");
   static_assert(SMEM_BYTES <= SMEM_LIMIT_, "tile does not fit the arch's shared memory");
 };
 

@@ -19,6 +19,8 @@ from ._launch import POINTER, DirectLaunch, ScalarStruct, pointer, sm_count
 
 # Instantiated (padded) head sizes; H % 8 == 0 pads up to the next one (32, 40 -> 64).
 HEAD_SIZES = (64, 80, 96, 128, 160, 192, 256)
+# Padded heads whose rows can be swizzled: whole 128-byte lines and a power-of-two chunk count.
+SWIZZLE_HEADS = (64, 128, 256)
 _DTYPES = {"float16": ("f16", "__half"), "bfloat16": ("bf16", "__nv_bfloat16")}
 # Opt-in dynamic shared memory per block (bytes) of each tile class (cuda_src/flash/traits.cuh).
 SMEM_LIMIT = {"sm80": 166912, "sm86": 101376}
@@ -51,7 +53,9 @@ FWD_SCALARS = ScalarStruct("FwdScalars", (
 @dataclass(frozen=True)
 class Tile:
     """One instantiation's tile: BM query rows x BN keys over a padded head, per tile class.
-    key_warps > 1: groups of that many warps share rows and split each key tile (decode)."""
+    key_warps > 1: groups of that many warps share rows and split each key tile (decode).
+    swizzle: the tiles' shared-memory rows are XOR-swizzled instead of padded by 16 bytes
+    (cuda_src/flash/smem_layout.cuh; needs head 64, 128 or 256)."""
 
     head: int
     bm: int
@@ -60,6 +64,11 @@ class Tile:
     stages: int
     arch: str  # "sm80" (163 KB shared memory per block) or "sm86" (99 KB)
     key_warps: int = 1
+    swizzle: bool = False
+
+    def __post_init__(self):
+        if self.swizzle and self.head not in SWIZZLE_HEADS:
+            raise ValueError(f"a swizzled tile needs head in {SWIZZLE_HEADS}, got {self.head}")
 
     @property
     def threads(self):
@@ -75,9 +84,12 @@ class Tile:
 
     @property
     def smem_bytes(self):
-        """Mirrors Traits::SMEM_BYTES: padded rows of Q plus STAGES K and V tiles, 2 bytes each."""
-        row = self.head + 8
-        return (self.bm * row + 2 * self.stages * self.bn * row) * 2
+        """Mirrors Traits::SMEM_BYTES: rows of Q plus STAGES K and V tiles, 2 bytes an element
+        (padded rows: head + 8 elements; swizzled: head, plus 12 bytes of side data per key
+        and stage)."""
+        row = self.head if self.swizzle else self.head + 8
+        side = 12 * self.stages * self.bn if self.swizzle else 0
+        return (self.bm * row + 2 * self.stages * self.bn * row) * 2 + side
 
 
 def arch_class(sm):
@@ -112,10 +124,14 @@ def tile_for(head, rows_bound, arch):
     if rows_bound <= 16:
         # Decode: one 16-row fragment whose warps split each key tile (16 keys a warp), so
         # every warp multiplies keys instead of zero rows; 64-key tiles, 3 stages where they
-        # fit twice per SM; on ~100 KB parts above head 128, 2 warps on 32-key tiles.
+        # fit twice per SM; on ~100 KB parts above head 128, 2 warps on 32-key tiles. Swizzled
+        # rows where the head allows (H100, decode 64 x 4096: padded rows made every other
+        # cp.async row straddle sectors, 1.5x the L2 sectors the data needs).
+        swizzle = head in SWIZZLE_HEADS
         if small and head > 128:
-            return Tile(head, 16, 32, 2, 2, arch, key_warps=2)
-        return Tile(head, 16, 64, 4, 3 if head <= 128 and not small else 2, arch, key_warps=4)
+            return Tile(head, 16, 32, 2, 2, arch, key_warps=2, swizzle=swizzle)
+        return Tile(head, 16, 64, 4, 3 if head <= 128 and not small else 2, arch, key_warps=4,
+                    swizzle=swizzle)
     if rows_bound <= 64 or head > 128:
         bn = 64 if head <= (128 if small else 192) else 32
         return Tile(head, 64, bn, 4, 2, arch)
@@ -141,8 +157,9 @@ def fwd_name(dtype, tile):
     """e.g. flash_fwd_f16_h128_m64_n64_w4_s2_sm80: extern "C" symbol, cache file, test id."""
     short = _DTYPES[dtype][0]
     keys = f"_k{tile.key_warps}" if tile.key_warps > 1 else ""
+    swz = "_swz" if tile.swizzle else ""
     return (f"flash_fwd_{short}_h{tile.head}_m{tile.bm}_n{tile.bn}_w{tile.warps}{keys}"
-            f"_s{tile.stages}_{tile.arch}")
+            f"_s{tile.stages}{swz}_{tile.arch}")
 
 
 def combine_name(dtype):
@@ -158,7 +175,8 @@ def _register_fwd(dtype, tile):
     ctype = _DTYPES[dtype][1]
     limit = "kSmemSm80" if tile.arch == "sm80" else "kSmemSm86"
     traits = (f"cupy_paged::flash::Traits<{ctype}, {tile.head}, {tile.bm}, {tile.bn}, "
-              f"{tile.warps}, {tile.stages}, cupy_paged::flash::{limit}, {tile.key_warps}>")
+              f"{tile.warps}, {tile.stages}, cupy_paged::flash::{limit}, {tile.key_warps}, "
+              f"{'true' if tile.swizzle else 'false'}>")
     params = ",\n    ".join(f"{t} {n}" for t, n in FWD_POINTERS)
     args = ", ".join(n for _, n in FWD_POINTERS)
     entry = (FWD_SCALARS.definition +
