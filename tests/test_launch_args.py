@@ -75,8 +75,9 @@ def struct_error():
 class _Recorder:
     """Stands in for DirectLaunch: keeps the parameter list a launcher builds."""
 
-    def __init__(self, kernel, args, grid, block, shared_mem=0):
+    def __init__(self, kernel, args, grid, block, shared_mem=0, programmatic=False):
         self.args, self.grid, self.block = args, grid, block
+        self.programmatic = programmatic
 
 
 def _entry_parameters(code, name):
@@ -106,8 +107,13 @@ def test_direct_launch_parameters_match_the_entry_point(module, monkeypatch):
     if module == "flash":
         monkeypatch.setattr(_flash_kernels, "DirectLaunch", _Recorder)
         monkeypatch.setattr(_flash_kernels, "_kernel", lambda *a: None)
+        monkeypatch.setattr(_flash_kernels, "programmatic_supported", lambda device: True)
         plan = _flash_kernels._plan(problem, 90, 132, 4)
-        launch, combine = _flash_kernels._direct_launches(0, plan)
+        launch, combine = _flash_kernels._direct_launches(0, plan, True)
+        # behind the prologue, on a GPU that can: both start programmatically
+        assert launch.programmatic and combine.programmatic
+        alone, _ = _flash_kernels._direct_launches(0, plan, False)
+        assert not alone.programmatic   # called without the prologue before it: launch order
         _flash_kernels._launchers.clear()
         name = plan.fwd
         spec = _flash_kernels._register_fwd("float16", _flash_kernels.problem_tile(problem, 90))
@@ -118,7 +124,10 @@ def test_direct_launch_parameters_match_the_entry_point(module, monkeypatch):
         monkeypatch.setattr(_prologue, "DirectLaunch", _Recorder)
         monkeypatch.setattr(_prologue, "get_function", lambda *a, **k: None)
         monkeypatch.setattr(_prologue, "grid_size", lambda items, device: 1)
-        launch = _prologue._launcher(problem, 0)
+        monkeypatch.setattr(_prologue, "programmatic_supported", lambda device: True)
+        launch = _prologue._launcher(problem, 0, True)
+        assert launch.programmatic                                  # behind the guard
+        assert not _prologue._launcher(problem, 0, False).programmatic  # no guard before it
         _prologue._launchers.clear()
         name = spec = _prologue.prologue_name("float16")
         struct = _prologue.SCALARS

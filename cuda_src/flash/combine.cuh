@@ -1,6 +1,7 @@
 // Split-KV merge (flash-decoding's second pass): out = sum_s w_s O_s with w_s proportional to
 // 2^lse_s, in a fixed split order (deterministic, no atomics). A row no split saw is 0.
 #pragma once
+#include "common/pdl.cuh"
 #include "flash/mma.cuh"
 #include "flash/online_softmax.cuh"
 
@@ -12,11 +13,13 @@ namespace flash {
 // out: (rows, H) = (T, N*H). One thread per 4 channels of a row, grid-stride. fault: null, or
 // the metadata guard's flags: fault[batch] != 0 leaves out alone (the guard wrote NaN rows);
 // a row of a faulted sequence has NaN partial sums (written by the forward kernel) and gets NaN.
+// Launched programmatically after the forward kernel (common/pdl.cuh): waits for it first.
 template <typename T>
 __device__ __forceinline__ void combine(const float* __restrict__ partial_o,
                                         const float* __restrict__ partial_lse, T* __restrict__ out,
                                         int rows, int head_size, int num_splits,
                                         const int* __restrict__ fault, int batch) {
+  pdl::wait();  // the partial sums are the forward kernel's
   if (fault != nullptr && fault[batch] != 0) return;
   const int quads = head_size / 4;
   const long long items = static_cast<long long>(rows) * quads;

@@ -2,6 +2,7 @@
 // query heads of a kv head are packed into the tile's rows (row = token * G + g), so K/V tiles
 // are read once per kv head and a decode step still fills the MMA's 16 rows.
 #pragma once
+#include "common/pdl.cuh"
 #include "flash/key_warps.cuh"
 #include "flash/mma.cuh"
 #include "flash/online_softmax.cuh"
@@ -90,8 +91,15 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   const int row_warp = warp / Tr::KEY_WARPS, key_warp = warp % Tr::KEY_WARPS;
   const int key_off = key_warp * Tr::WARP_KEYS;
 
+  // Launched programmatically after the prologue (common/pdl.cuh): until pdl::wait() below,
+  // only the call's inputs (cum, past, block_table) and the guard's verdict (complete: every
+  // prologue CTA lets this kernel start only after its own wait for the guard) are read, and
+  // every CTA waits before it exits.
   // The guard found cum unusable: nothing maps rows to sequences; it wrote every row NaN.
-  if (p.fault != nullptr && p.fault[p.batch] != 0) return;
+  if (p.fault != nullptr && p.fault[p.batch] != 0) {
+    pdl::wait();
+    return;
+  }
   // Heavy tiles (last rows of long sequences see the most keys) are launched first.
   const long long tile = static_cast<long long>(gridDim.x / p.kv_heads) - 1 - tile_x;
   const int b = sequence_of_tile<Tr::BM>(p.cum, p.batch, G, tile);
@@ -99,9 +107,13 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   const int q_len = p.cum[b + 1] - q_begin;
   const int rows = q_len * G;
   const long long m_block = tile - first_tile<Tr::BM>(p.cum, b, G);
-  if (m_block < 0 || m_block * Tr::BM >= rows) return;  // CTA-uniform, before any barrier
+  if (m_block < 0 || m_block * Tr::BM >= rows) {  // CTA-uniform, before any barrier
+    pdl::wait();
+    return;
+  }
   const int row0 = static_cast<int>(m_block) * Tr::BM;
   if (p.fault != nullptr && p.fault[b] != 0) {  // faulted sequence: its rows stay NaN
+    pdl::wait();  // the previous call's combine has read the partial sums
     if (p.num_splits > 1)
       poison_partials<Tr::BM, Tr::THREADS>(
           p.partial_lse, static_cast<long long>(split) * p.num_tokens + q_begin, p.num_heads, G,
@@ -140,9 +152,22 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   auto slot = [&](int st) { return L::offsets(sK, sV, side, st); };
   auto flags = [&](int st) { return L::flags(sK, sV, side, st); };
 
-  // Prologue: Q and the first STAGES - 1 K/V tiles, one commit group per tile (Q rides in the
-  // first), each after its offsets are in shared memory; then tile my_lo + STAGES - 1's
-  // offsets. hole_bits bit s: this thread saw an unloadable key in the tile of stage s.
+  // Prologue: the offsets of tiles my_lo .. my_lo + STAGES - 1 (block-table reads: before the
+  // wait for the prologue kernel), then Q and the first STAGES - 1 K/V tiles, one commit group
+  // per tile (Q rides in the first). hole_bits bit s: this thread saw an unloadable key in the
+  // tile of stage s.
+#pragma unroll
+  for (int s = 0; s < Tr::STAGES; ++s) {
+    const int t = my_lo + s;
+    if (t < my_hi) {
+      KeyRowOffsets<Tr> offsets;
+      offsets.look_up(seq, t * Tr::BN, tid);
+      offsets.store(seq, slot(s), tid);
+    }
+  }
+  __syncthreads();
+  pdl::wait();  // q (rotated) and the new keys and values are the prologue kernel's
+  pdl::launch_dependents();  // the combine (split-KV) may start; it waits for this kernel
   load_q_tile<Tr>(q_addr, static_cast<const T*>(p.q), q_begin, row0, rows, G, kvh * G,
                   p.num_heads, H, tid);
   unsigned hole_bits = 0;
@@ -150,25 +175,11 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   for (int s = 0; s < Tr::STAGES - 1; ++s) {
     const int t = my_lo + s;
     if (t < my_hi) {
-      KeyRowOffsets<Tr> offsets;
-      offsets.look_up(seq, t * Tr::BN, tid);
-      offsets.store(seq, slot(s), tid);
-    }
-    __syncthreads();
-    if (t < my_hi) {
       const bool h = load_kv_tile<Tr>(k_addr + s * KV_BYTES, v_addr + s * KV_BYTES, slot(s),
                                       flags(s), seq, H, tid);
       hole_bits |= static_cast<unsigned>(h) << s;
     }
     cp_async_commit();
-  }
-  {
-    const int t = my_lo + Tr::STAGES - 1;
-    if (t < my_hi) {
-      KeyRowOffsets<Tr> offsets;
-      offsets.look_up(seq, t * Tr::BN, tid);
-      offsets.store(seq, slot(Tr::STAGES - 1), tid);
-    }
   }
 
   int pos[MF][2];  // absolute positions of this thread's rows

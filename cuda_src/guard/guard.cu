@@ -3,6 +3,7 @@
 // fault[B]), fills those sequences' output rows with NaN and records the first faulting call in
 // the device's error word. cupy_paged/backends/_guard.py generates the extern "C" entry.
 #pragma once
+#include "common/pdl.cuh"
 #include "guard/fault_codes.cuh"
 
 namespace cupy_paged {
@@ -80,6 +81,9 @@ __device__ __forceinline__ void run(const int* __restrict__ cum, const int* __re
                                     long long max_seqlen_k, long long total_kv_tokens) {
   __shared__ int s_last;
   __shared__ int s_batch_bits;
+  // The prologue (launched programmatically) may start now: until its wait it reads only the
+  // call's inputs, which this kernel does not write.
+  pdl::launch_dependents();
   const int lane = threadIdx.x % 32;
   const int warp = threadIdx.x / 32;
   unsigned long long* slots = scratch + SCRATCH_SLOTS;

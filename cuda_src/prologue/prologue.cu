@@ -4,6 +4,7 @@
 #pragma once
 #include "common/dtypes.cuh"
 #include "common/paged_kv.cuh"
+#include "common/pdl.cuh"
 #include "common/rotary.cuh"
 #include "common/seq_lookup.cuh"
 #include "guard/fault_codes.cuh"
@@ -29,6 +30,10 @@ namespace prologue {
 // fault[B] != 0, and the tokens of a sequence with fault[b] != 0 are skipped (no q_out row, no
 // K/V write).
 // cos_cache, sin_cache: (cos_rows, R/2) (unused without rotary); q_out: (T, N, H)
+// Launched programmatically after the guard (common/pdl.cuh): the lookups and the first input
+// loads go out while the guard runs (the guard starts after every earlier kernel on the stream
+// has completed, so the inputs are final); fault is read, and anything written, only after the
+// wait, which also lets the forward kernel start.
 // Without the guard, a token whose position has no cos/sin row gets NaN in q_out and writes no
 // K/V, and the sequence search and PagedKV::slot stay inside their arrays for any
 // cum/past/table values: wrong input never turns into an access outside an array.
@@ -44,7 +49,10 @@ __device__ __forceinline__ void run(
     int num_tokens, int batch, int num_heads, int kv_heads, int head_size, int block_size,
     int num_blocks, int max_blocks, int rotary_dim, int cos_rows, int packed, int do_rotary,
     int interleaved, int write_q) {
-  if (batch <= 0) return;
+  if (batch <= 0) {
+    pdl::wait();
+    return;
+  }
   const PagedKV<T> kv{key_cache, value_cache, block_table, num_blocks, block_size, kv_heads,
                       head_size, max_blocks};
   const int chunks = head_size / 8;
@@ -91,17 +99,14 @@ __device__ __forceinline__ void run(
   for (long long t0 = static_cast<long long>(blockIdx.x) * kTokens; t0 < num_tokens;
        t0 += static_cast<long long>(gridDim.x) * kTokens) {
     const int n_tok = static_cast<int>(min(static_cast<long long>(kTokens), num_tokens - t0));
+    int b = 0;
+    long long pos = 0;
     if (threadIdx.x < n_tok) {
       const long long t = t0 + threadIdx.x;
       // Guessing row * B / T, exact for equal lengths (every decode step): one round trip.
       // With a batch fault cum may be anything; the search still stays inside its arrays.
-      const int b = sequence_of_row_from(cum, batch, t, static_cast<int>(t * batch / num_tokens));
-      const long long pos = past[b] + (t - cum[b]);  // absolute position of token t
-      const bool has_cos = !do_rotary || (pos >= 0 && pos < cos_rows);
-      const bool skip = guard::batch_faulted(fault, batch) || guard::sequence_faulted(fault, b);
-      s_pos[threadIdx.x] = pos;
-      s_slot[threadIdx.x] = !skip && has_cos ? kv.slot(b, pos) : -1;
-      s_flags[threadIdx.x] = (skip ? 1 : 0) | (has_cos ? 2 : 0);
+      b = sequence_of_row_from(cum, batch, t, static_cast<int>(t * batch / num_tokens));
+      pos = past[b] + (t - cum[b]);  // absolute position of token t
     }
     // The first item's loads go out before the lookups are waited for (they need none).
     int k = threadIdx.x;
@@ -111,6 +116,15 @@ __device__ __forceinline__ void run(
 #pragma unroll
       for (int u = 0; u < kTokens; ++u)
         if (u < n_tok) x[u] = Vec8<T>::load(it.head + u * it.stride + it.c0);
+    }
+    pdl::wait();  // the guard's verdict (a no-op after the first group)
+    pdl::launch_dependents();
+    if (threadIdx.x < n_tok) {
+      const bool has_cos = !do_rotary || (pos >= 0 && pos < cos_rows);
+      const bool skip = guard::batch_faulted(fault, batch) || guard::sequence_faulted(fault, b);
+      s_pos[threadIdx.x] = pos;
+      s_slot[threadIdx.x] = !skip && has_cos ? kv.slot(b, pos) : -1;
+      s_flags[threadIdx.x] = (skip ? 1 : 0) | (has_cos ? 2 : 0);
     }
     __syncthreads();
     while (k < items) {

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..jit import KernelSpec, get_function, register
-from ._launch import POINTER, DirectLaunch, ScalarStruct, pointer, sm_count
+from ._launch import (POINTER, DirectLaunch, ScalarStruct, pointer, programmatic_supported,
+                      sm_count)
 
 # Instantiated (padded) head sizes; H % 8 == 0 pads up to the next one (32, 40 -> 64).
 HEAD_SIZES = (64, 80, 96, 128, 160, 192, 256)
@@ -340,7 +341,7 @@ def _plan(problem, sm, sm_count, num_splits):
 
 _kernels: dict = {}  # (device id, name) -> cupy.RawKernel, dynamic shared memory raised
 _last_plan: list = [None]  # [(key, plan)] of the last call: a decode loop repeats it
-_launchers: dict = {}  # (device id, id(plan)) -> (plan, forward DirectLaunch, combine or None)
+_launchers: dict = {}  # (device id, id(plan), programmatic) -> (plan, forward, combine or None)
 _LAUNCHERS_MAX = 512
 
 
@@ -367,29 +368,33 @@ def _kernel(device, name, smem):
     return fn
 
 
-def _direct_launches(device, plan):
+def _direct_launches(device, plan, after_prologue):
     """(forward, combine or None) DirectLaunch of ``plan`` on ``device``, built once: their
-    argument blocks already hold the plan's scalars; a call supplies the pointers."""
-    held = _launchers.get((device, id(plan)))
+    argument blocks already hold the plan's scalars; a call supplies the pointers. On sm90+
+    the combine always, and the forward kernel when ``after_prologue``, start programmatically
+    (cuda_src/common/pdl.cuh) behind the kernel launched just before them."""
+    key = (device, id(plan), after_prologue)
+    held = _launchers.get(key)
     if held is not None and held[0] is plan:
         return held[1], held[2]
+    pdl = programmatic_supported(device)
     fwd = DirectLaunch(_kernel(device, plan.fwd, plan.smem),
                        (POINTER,) * len(FWD_POINTERS) + (plan.scalars, POINTER),
-                       plan.grid, plan.block, plan.smem)
+                       plan.grid, plan.block, plan.smem, programmatic=pdl and after_prologue)
     combine = None
     if plan.splits > 1:
         combine = DirectLaunch(_kernel(device, plan.combine, 0),
                                (POINTER, POINTER, POINTER) + plan.combine_scalars
                                + (POINTER, plan.batch),
-                               plan.combine_grid, (_COMBINE_THREADS, 1, 1))
+                               plan.combine_grid, (_COMBINE_THREADS, 1, 1), programmatic=pdl)
     if len(_launchers) >= _LAUNCHERS_MAX:
         _launchers.clear()
-    _launchers[(device, id(plan))] = (plan, fwd, combine)
+    _launchers[key] = (plan, fwd, combine)
     return fwd, combine
 
 
 def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out, sm,
-                 num_splits=None, workspace=None, fault=None):
+                 num_splits=None, workspace=None, fault=None, after_prologue=False):
     """Attention of the (already rotated) q over the paged caches into out, on the current
     CuPy stream; no device->host synchronisation. Returns out.
 
@@ -403,6 +408,9 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
     fault: None, or the metadata guard's int32 (B+1,) flags: CTAs of a faulted sequence (all,
     when fault[B] != 0) write nothing to out, and with split-KV poison their partial sums so
     the combine writes NaN rows (the guard has already written NaN there).
+    after_prologue: the kernel launched just before on this stream is the call's prologue
+    (``_prologue.run_prologue``), whose outputs the forward kernel then waits for on the
+    device instead of the host's launch order (programmatic launch, sm90+).
     """
     if problem.num_tokens == 0 or problem.batch == 0:
         return out
@@ -426,7 +434,7 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
                                  f"{lse_shape} (see workspace_shape)")
     else:
         partial_o = partial_lse = out  # never dereferenced with num_splits == 1
-    fwd, combine = _direct_launches(device, plan)
+    fwd, combine = _direct_launches(device, plan, after_prologue)
     q_p, o_p, f_p = q.data.ptr, out.data.ptr, pointer(fault)
     po_p, pl_p = partial_o.data.ptr, partial_lse.data.ptr
     fwd(q_p, key_cache.data.ptr, value_cache.data.ptr, cum.data.ptr, past.data.ptr,

@@ -122,6 +122,53 @@ class ArgumentBlock:
         return ctypes.string_at(self._params[index], size)
 
 
+# ---------------------------------------------------------------- programmatic launches
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute (cuda.h): an id, padding to 8 bytes, a 64-byte value union."""
+
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int),
+                ("rest", ctypes.c_char * 60)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h)."""
+
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared_mem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+@functools.cache
+def _launch_kernel_ex():
+    """The driver's cuLaunchKernelEx through ctypes (CuPy wraps only cuLaunchKernel), or None
+    where the driver library or the entry point is missing."""
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = (ctypes.POINTER(_LaunchConfig), ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p)
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def programmatic_supported(device_id):
+    """Whether kernels on GPU ``device_id`` can be launched programmatically (sm90+, a driver
+    with cuLaunchKernelEx) and CUPY_PAGED_PDL is not "0"."""
+    import os
+
+    if os.environ.get("CUPY_PAGED_PDL", "1") == "0" or _launch_kernel_ex() is None:
+        return False
+    import cupy
+
+    return int(cupy.cuda.Device(device_id).compute_capability) >= 90
+
+
 class DirectLaunch:
     """One kernel on fixed grid, block and shared memory, launched through the driver.
 
@@ -133,11 +180,17 @@ class DirectLaunch:
     args: its parameters in order, ``POINTER`` or a constant (see ``ArgumentBlock``).
     Thread-safe: one lock covers filling the block and the launch (the driver copies the
     values before it returns). The launch is captured like any other by CUDA graph capture.
+
+    programmatic=True (pass it only where ``programmatic_supported``): launched through
+    cuLaunchKernelEx with programmatic stream serialization, so the kernel may start while the
+    previous kernel on the stream runs (cuda_src/common/pdl.cuh says what the kernel must then
+    do). Only for a kernel whose predecessor on the stream is always the one this project
+    launches just before it.
     """
 
-    __slots__ = ("_block", "_dims", "_function", "_kernel", "_lock")
+    __slots__ = ("_block", "_config", "_dims", "_ex", "_function", "_kernel", "_lock")
 
-    def __init__(self, kernel, args, grid, block, shared_mem=0):
+    def __init__(self, kernel, args, grid, block, shared_mem=0, programmatic=False):
         global _cuda
         import cupy.cuda
 
@@ -148,6 +201,13 @@ class DirectLaunch:
         grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         self._dims = grid + block + (int(shared_mem),)
         self._lock = threading.Lock()
+        self._ex = self._config = None
+        if programmatic:
+            attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
+            config = _LaunchConfig(shared_mem=int(shared_mem), num_attrs=1)
+            config.grid[:], config.block[:] = grid, block
+            config.attrs = ctypes.pointer(attr)
+            self._config, self._ex = (config, attr), _launch_kernel_ex()
 
     def __call__(self, *pointers, stream=None):
         """Launch with ``pointers`` (device addresses as ints: ``array.data.ptr``, 0 for none)
@@ -156,7 +216,15 @@ class DirectLaunch:
             stream = _cuda.get_current_stream().ptr
         with self._lock:
             self._block.fill(pointers)
-            _cuda.driver.launchKernel(self._function, *self._dims, stream, self._block.params, 0)
+            if self._ex is None:
+                _cuda.driver.launchKernel(self._function, *self._dims, stream,
+                                          self._block.params, 0)
+                return
+            config = self._config[0]
+            config.stream = stream
+            status = self._ex(config, self._function, self._block.params, None)
+            if status:
+                raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status}")
 
 
 def pointer(array):

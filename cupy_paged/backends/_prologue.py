@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from ..jit import get_function
 from ._launch import (POINTER, THREADS, DirectLaunch, ScalarStruct, check_aligned, grid_size,
-                      pointer, register_per_dtype, variant)
+                      pointer, programmatic_supported, register_per_dtype, variant)
 
 # Scalars travel as one struct passed by value (``_launch.ScalarStruct``), packed once per
 # problem and device into the launch's argument block by ``_launcher``.
@@ -37,15 +37,18 @@ SPECS = register_per_dtype("prologue", "prologue/prologue.cu", _PROLOGUE_ARGS,
                            min_blocks=3)  # <= 85 registers: 3 x 256 threads an SM hide the lookups
 
 _TOKENS_PER_BLOCK = 4  # prologue.cu kTokens
-_launchers: dict = {}  # id(problem) -> (problem, device, DirectLaunch)
+_launchers: dict = {}  # (id(problem), after guard) -> (problem, device, DirectLaunch)
 _LAUNCHERS_MAX = 256
 
 
-def _launcher(problem, device):
+def _launcher(problem, device, after_guard):
     """The prologue's DirectLaunch for ``problem`` on GPU ``device`` (grid and packed
     PrologueScalars inside), built once per Problem object (_validate hands the same object to
-    every call of one signature)."""
-    entry = _launchers.get(id(problem))
+    every call of one signature). after_guard: the metadata guard is the kernel launched just
+    before on the stream; the prologue then starts programmatically behind it (sm90+,
+    cuda_src/common/pdl.cuh)."""
+    key = (id(problem), after_guard)
+    entry = _launchers.get(key)
     if entry is not None and entry[0] is problem and entry[1] == device:
         return entry[2]
     T, N, Nkv, H = problem.num_tokens, problem.num_heads, problem.kv_num_heads, problem.head_size
@@ -58,10 +61,11 @@ def _launcher(problem, device):
     launch = DirectLaunch(get_function(prologue_name(problem.dtype), device=device),
                           (POINTER,) * 12 + (scalars,),
                           (grid_size(-(-T // _TOKENS_PER_BLOCK) * THREADS, device),),
-                          (THREADS,))  # 4 tokens a block, up to a wave of blocks
+                          (THREADS,),  # 4 tokens a block, up to a wave of blocks
+                          programmatic=after_guard and programmatic_supported(device))
     if len(_launchers) >= _LAUNCHERS_MAX:
         _launchers.clear()
-    _launchers[id(problem)] = (problem, device, launch)
+    _launchers[key] = (problem, device, launch)
     return launch
 
 
@@ -90,7 +94,7 @@ def run_prologue(problem, a, fault=None):
     sin = a["sin_cache"] if problem.do_rotary else query
     check_aligned(query=query, key=key, value=value, key_cache=a["key_cache"],
                   value_cache=a["value_cache"])
-    launch = _launcher(problem, query.data.device_id)
+    launch = _launcher(problem, query.data.device_id, fault is not None)
     launch(query.data.ptr, key.data.ptr, value.data.ptr, a["key_cache"].data.ptr,
            a["value_cache"].data.ptr, a["cumulative_sequence_length"].data.ptr,
            a["past_seqlens"].data.ptr, a["block_table"].data.ptr, pointer(fault), cos.data.ptr,

@@ -23,7 +23,8 @@ def _run(problem, adopted, out, fault=None):
     workspace = _workspace(xp, device, problem, splits) if splits > 1 else None
     _flash_kernels.launch_flash(
         problem, q, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
-        a["past_seqlens"], a["block_table"], out, sm, workspace=workspace, fault=fault)
+        a["past_seqlens"], a["block_table"], out, sm, workspace=workspace, fault=fault,
+        after_prologue=True)
 
 
 def _workspace(xp, device, problem, splits):
