@@ -179,3 +179,24 @@ def test_direct_launch_calls_the_driver_with_its_block(monkeypatch):
     launch(0x3000, 0, stream=99)
     assert calls == [(4242, (7, 1, 1), (128, 1, 1), 1024, 777, [0x1000, 0x2000], 0),
                      (4242, (7, 1, 1), (128, 1, 1), 1024, 99, [0x3000, 0], 0)]
+
+
+def test_launch_config_mirrors_cuda_h():
+    """cuLaunchKernelEx's structs as cuda.h lays them out on 64-bit hosts: CUlaunchAttribute
+    (id, pad to 8, a 64-byte value union) and CUlaunchConfig (7 uints, stream, attrs, count)."""
+    import ctypes
+
+    from cupy_paged.backends._launch import _LaunchAttribute, _LaunchConfig
+
+    assert ctypes.sizeof(_LaunchAttribute) == 72
+    assert _LaunchAttribute.value.offset == 8
+    assert ctypes.sizeof(_LaunchConfig) == 56
+    assert (_LaunchConfig.shared_mem.offset, _LaunchConfig.stream.offset,
+            _LaunchConfig.attrs.offset, _LaunchConfig.num_attrs.offset) == (24, 32, 40, 48)
+
+
+def test_programmatic_launch_can_be_turned_off(monkeypatch):
+    from cupy_paged.backends import _launch
+
+    monkeypatch.setenv("CUPY_PAGED_PDL", "0")
+    assert not _launch.programmatic_supported(0)
