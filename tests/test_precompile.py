@@ -63,8 +63,8 @@ def test_model_needs_prologue_gather_mea_both_flash_tiles_and_combine():
         _guard.NAME, _prologue.prologue_name("float16"), _gather.gather_name("float16"),
         _mea_kernels.variant_name("float16", 80, 128),
         "flash_fwd_f16_h128_m16_n64_w4_k4_s3_swz_sm80",  # decode (G * q_len <= 16)
-        "flash_fwd_f16_h128_m64_n64_w4_s2_sm80",     # short chunks
-        "flash_fwd_f16_h128_m128_n64_w4_s2_sm80",    # prefill
+        "flash_fwd_f16_h128_m64_n64_w4_s2_swz_sm80",     # short chunks
+        "flash_fwd_f16_h128_m128_n64_w4_s2_swz_sm80",    # prefill
         _flash_kernels.combine_name("float16")}
     assert {a for _, a in names} == {"sm_80"}
 
@@ -75,13 +75,13 @@ def test_flash_tiles_follow_the_group_size_and_the_arch_class():
         return sorted(n for n, _ in names if n.startswith("flash_fwd"))
 
     # G = 128 rows per decode token: the short-row tile can never be picked
-    assert flash(128, 128, 1, "sm_80") == ["flash_fwd_bf16_h128_m128_n64_w4_s2_sm80"]
-    assert flash(128, 128, 1, "sm_86") == ["flash_fwd_bf16_h128_m128_n32_w4_s2_sm86"]
+    assert flash(128, 128, 1, "sm_80") == ["flash_fwd_bf16_h128_m128_n64_w4_s2_swz_sm80"]
+    assert flash(128, 128, 1, "sm_86") == ["flash_fwd_bf16_h128_m128_n32_w4_s2_swz_sm86"]
     assert flash(256, 32, 8, "sm_90") == ["flash_fwd_bf16_h256_m16_n64_w4_k4_s2_swz_sm80",
-                                          "flash_fwd_bf16_h256_m64_n32_w4_s2_sm80"]
-    assert flash(40, 8, 8, "sm_89") == ["flash_fwd_bf16_h64_m128_n64_w4_s2_sm86",
+                                          "flash_fwd_bf16_h256_m64_n32_w4_s2_swz_sm80"]
+    assert flash(40, 8, 8, "sm_89") == ["flash_fwd_bf16_h64_m128_n64_w4_s2_swz_sm86",
                                         "flash_fwd_bf16_h64_m16_n64_w4_k4_s2_swz_sm86",
-                                        "flash_fwd_bf16_h64_m64_n64_w4_s2_sm86"]
+                                        "flash_fwd_bf16_h64_m64_n64_w4_s2_swz_sm86"]
 
 
 def test_all_is_every_kernel_the_backends_can_launch_on_the_arch():
