@@ -1,9 +1,10 @@
 """Host time per ``paged_attention`` call (Python side, launches included), on a decode step
 small enough that the GPU finishes each call before the host issues the next.
 
-    python benchmarks/host_overhead.py [--backend flash] [--calls 2000]
+    python benchmarks/host_overhead.py [--backend flash] [--calls 2000] [--repeats 5]
 
-Prints microseconds per call with and without host-side bounds, and the top functions of a
+Prints microseconds per call with and without host-side bounds (the median of --repeats timed
+loops, with their range), and the top functions of a
 profile of the hinted call (what to trim next).
 """
 from __future__ import annotations
@@ -80,12 +81,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--backend", default="flash")
     p.add_argument("--calls", type=int, default=2000)
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed loops of --calls calls each; the median is reported (a busy "
+                        "host core slows a whole loop: the spread says so)")
     args = p.parse_args(argv)
     for hinted in (True, False):
         call = make_call(args.backend, hinted)
-        us = per_call_us(call, args.calls)
+        runs = sorted(per_call_us(call, args.calls) for _ in range(args.repeats))
         print(f"{args.backend} decode B=8, host bounds {'given' if hinted else 'not given'}: "
-              f"{us:.1f} us per call (host side, launches included)")
+              f"{runs[len(runs) // 2]:.1f} us per call (host side, launches included; median "
+              f"of {len(runs)} loops of {args.calls}, {runs[0]:.1f}-{runs[-1]:.1f})")
     launch_cost()
     call = make_call(args.backend, True)
     prof = cProfile.Profile()

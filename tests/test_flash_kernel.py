@@ -121,6 +121,21 @@ def test_flash_variant_names_are_readable_and_unique():
         fk.padded_head(264)
 
 
+def test_flash_overlaps_launches_only_when_the_gpu_time_dominates():
+    # benchmarks/host_overhead.py's step (B = 8, 101 keys): host bound, plain launches
+    step = make_problem(T=8, B=8, N=32, Nkv=8, H=128, bs=16, num_blocks=56, max_blocks=7)
+    assert not fk.overlap_launches(step)
+    # decode 64 x 4096 (1 GB of K/V) and prefill 8 x 2048 (compute): programmatic launches
+    decode = make_problem(T=64, B=64, N=32, Nkv=8, H=128, bs=16, num_blocks=16384,
+                          max_blocks=256)
+    prefill = make_problem(T=16384, B=8, N=32, Nkv=8, H=128, bs=16, num_blocks=1024,
+                           max_blocks=128)
+    assert fk.overlap_launches(decode) and fk.overlap_launches(prefill)
+    # a host bound on the keys shrinks the estimate
+    assert not fk.overlap_launches(dataclasses.replace(decode, max_seqlen_k=16))
+    assert fk._plan(decode, 90, 132, None).overlap
+
+
 def test_flash_swizzled_tile_needs_a_line_sized_head():
     with pytest.raises(ValueError, match="swizzled tile needs head in"):
         fk.Tile(96, 16, 64, 4, 3, "sm80", key_warps=4, swizzle=True)

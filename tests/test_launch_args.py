@@ -3,6 +3,8 @@ lays fields out as C does (natural alignment, tail padding), since NVRTC cannot 
 itself (it static_asserts the size only); packing is checked for count and values. CPU only."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -108,7 +110,7 @@ def test_direct_launch_parameters_match_the_entry_point(module, monkeypatch):
         monkeypatch.setattr(_flash_kernels, "DirectLaunch", _Recorder)
         monkeypatch.setattr(_flash_kernels, "_kernel", lambda *a: None)
         monkeypatch.setattr(_flash_kernels, "programmatic_supported", lambda device: True)
-        plan = _flash_kernels._plan(problem, 90, 132, 4)
+        plan = dataclasses.replace(_flash_kernels._plan(problem, 90, 132, 4), overlap=True)
         launch, combine = _flash_kernels._direct_launches(0, plan, True)
         # behind the prologue, on a GPU that can: both start programmatically
         assert launch.programmatic and combine.programmatic

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -314,6 +315,33 @@ class _Plan:
     combine_grid: tuple
     combine_scalars: tuple
     batch: np.int32
+    overlap: bool  # launch behind the previous kernel (programmatic launch): overlap_launches
+
+
+# Programmatic launches (cuda_src/common/pdl.cuh) save GPU time at each kernel boundary
+# (H100, graph replay of a B = 8 decode step: 13.6 -> 10.5 us a call; decode 64 x 4096:
+# 0.3744 -> 0.3696 ms) but cost host time (the same decode step's Python loop: 37-38 -> 42-53
+# us a call, session 5): used only for calls whose GPU time clearly exceeds the host's.
+# CUPY_PAGED_OVERLAP_MIN_US overrides the threshold (0: every call; the GPU tests run so too).
+OVERLAP_MIN_GPU_US = float(os.environ.get("CUPY_PAGED_OVERLAP_MIN_US", "50"))
+_EST_BYTES_PER_US = 3.0e6   # ~H100 HBM3 (bytes per microsecond)
+_EST_FLOPS_PER_US = 3.0e8   # ~mma.sync fp16 on an H100 (FLOPs per microsecond)
+
+
+def overlap_launches(problem):
+    """Whether the call's kernels should start programmatically behind one another: when an
+    upper bound of its GPU time, from host-known shapes (T, B, the key bound max_blocks *
+    block_size or max_seqlen_k, Nkv, N, H), reaches OVERLAP_MIN_GPU_US."""
+    T, B = problem.num_tokens, problem.batch
+    keys = problem.max_blocks * problem.block_size
+    if problem.max_seqlen_k is not None:
+        keys = min(keys, problem.max_seqlen_k)
+    kv_tokens = B * keys
+    if problem.total_kv_tokens is not None:
+        kv_tokens = min(kv_tokens, problem.total_kv_tokens)
+    kv_bytes = 4 * problem.kv_num_heads * problem.head_size * kv_tokens
+    flops = 4 * problem.num_heads * problem.head_size * T * keys
+    return max(kv_bytes / _EST_BYTES_PER_US, flops / _EST_FLOPS_PER_US) >= OVERLAP_MIN_GPU_US
 
 
 @functools.lru_cache(maxsize=512)
@@ -340,7 +368,8 @@ def _plan(problem, sm, sm_count, num_splits):
     items = rows * H // 4
     combine_grid = (max(1, min(-(-items // _COMBINE_THREADS), 16 * sm_count)), 1, 1)
     return _Plan(name, combine, tile.smem_bytes, (grid_x, 1, splits), (tile.threads, 1, 1),
-                 splits, scalars, combine_grid, (i32(rows), i32(H), i32(splits)), i32(B))
+                 splits, scalars, combine_grid, (i32(rows), i32(H), i32(splits)), i32(B),
+                 overlap_launches(problem))
 
 
 _kernels: dict = {}  # (device id, name) -> cupy.RawKernel, dynamic shared memory raised
@@ -374,14 +403,15 @@ def _kernel(device, name, smem):
 
 def _direct_launches(device, plan, after_prologue):
     """(forward, combine or None) DirectLaunch of ``plan`` on ``device``, built once: their
-    argument blocks already hold the plan's scalars; a call supplies the pointers. On sm90+
-    the combine always, and the forward kernel when ``after_prologue``, start programmatically
-    (cuda_src/common/pdl.cuh) behind the kernel launched just before them."""
+    argument blocks already hold the plan's scalars; a call supplies the pointers. When the
+    plan overlaps launches (``overlap_launches``), on sm90+, the combine, and the forward
+    kernel when ``after_prologue``, start programmatically (cuda_src/common/pdl.cuh) behind
+    the kernel launched just before them."""
     key = (device, id(plan), after_prologue)
     held = _launchers.get(key)
     if held is not None and held[0] is plan:
         return held[1], held[2]
-    pdl = programmatic_supported(device)
+    pdl = plan.overlap and programmatic_supported(device)
     fwd = DirectLaunch(_kernel(device, plan.fwd, plan.smem),
                        (POINTER,) * len(FWD_POINTERS) + (plan.scalars, POINTER),
                        plan.grid, plan.block, plan.smem, programmatic=pdl and after_prologue)
@@ -413,8 +443,9 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
     when fault[B] != 0) write nothing to out, and with split-KV poison their partial sums so
     the combine writes NaN rows (the guard has already written NaN there).
     after_prologue: the kernel launched just before on this stream is the call's prologue
-    (``_prologue.run_prologue``), whose outputs the forward kernel then waits for on the
-    device instead of the host's launch order (programmatic launch, sm90+).
+    (``_prologue.run_prologue``), whose outputs the forward kernel may then wait for on the
+    device instead of the host's launch order (programmatic launch, sm90+, when the plan
+    overlaps launches).
     """
     if problem.num_tokens == 0 or problem.batch == 0:
         return out

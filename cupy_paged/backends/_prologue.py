@@ -69,7 +69,7 @@ def _launcher(problem, device, after_guard):
     return launch
 
 
-def run_prologue(problem, a, fault=None):
+def run_prologue(problem, a, fault=None, overlap=False):
     """Unpack, rotate and write the caches; returns the (T, N*H) query to attend with.
 
     problem: the call's ``_validate.Problem``; a: the CuPy arrays by argument name (query, key,
@@ -77,6 +77,8 @@ def run_prologue(problem, a, fault=None):
     cos_cache, sin_cache; key/value/cos/sin may be None). The caches are written in place.
     fault: the metadata guard's int32 (B+1,) verdict (``_guard.run_guard``), or None: tokens of
     a faulted sequence (every token when fault[B] != 0) are neither rotated nor written.
+    overlap: with fault given (the guard is the kernel just before on the stream), start
+    programmatically behind it on sm90+ (``_flash_kernels.overlap_launches`` decides).
     Returns ``a["query"]`` itself when it is neither packed nor rotated, else a new (T, N*H)
     array. Launches on the current stream; never synchronises.
     """
@@ -94,7 +96,7 @@ def run_prologue(problem, a, fault=None):
     sin = a["sin_cache"] if problem.do_rotary else query
     check_aligned(query=query, key=key, value=value, key_cache=a["key_cache"],
                   value_cache=a["value_cache"])
-    launch = _launcher(problem, query.data.device_id, fault is not None)
+    launch = _launcher(problem, query.data.device_id, overlap and fault is not None)
     launch(query.data.ptr, key.data.ptr, value.data.ptr, a["key_cache"].data.ptr,
            a["value_cache"].data.ptr, a["cumulative_sequence_length"].data.ptr,
            a["past_seqlens"].data.ptr, a["block_table"].data.ptr, pointer(fault), cos.data.ptr,

@@ -18,8 +18,9 @@ _retired: list = []     # outgrown workspaces, kept alive for graphs captured be
 def _run(problem, adopted, out, fault=None):
     xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
     device = a["query"].data.device_id
-    q = _prologue.run_prologue(problem, a, fault)
-    splits = _flash_kernels.launch_plan(problem, sm, device).splits
+    plan = _flash_kernels.launch_plan(problem, sm, device)
+    q = _prologue.run_prologue(problem, a, fault, overlap=plan.overlap)
+    splits = plan.splits
     workspace = _workspace(xp, device, problem, splits) if splits > 1 else None
     _flash_kernels.launch_flash(
         problem, q, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
