@@ -684,3 +684,9 @@ def _bench():
 
 if __name__ == "__main__":
     _bench()
+
+
+def test_flash_overlap_threshold_names_its_variable():
+    assert fk._overlap_threshold("0") == 0.0
+    with pytest.raises(ValueError, match="CUPY_PAGED_OVERLAP_MIN_US must be a number"):
+        fk._overlap_threshold("fast")

@@ -323,7 +323,15 @@ class _Plan:
 # 0.3744 -> 0.3696 ms) but cost host time (the same decode step's Python loop: 37-38 -> 42-53
 # us a call, session 5): used only for calls whose GPU time clearly exceeds the host's.
 # CUPY_PAGED_OVERLAP_MIN_US overrides the threshold (0: every call; the GPU tests run so too).
-OVERLAP_MIN_GPU_US = float(os.environ.get("CUPY_PAGED_OVERLAP_MIN_US", "50"))
+def _overlap_threshold(text):
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"CUPY_PAGED_OVERLAP_MIN_US must be a number of microseconds, "
+                         f"got {text!r}") from None
+
+
+OVERLAP_MIN_GPU_US = _overlap_threshold(os.environ.get("CUPY_PAGED_OVERLAP_MIN_US", "50"))
 _EST_BYTES_PER_US = 3.0e6   # ~H100 HBM3 (bytes per microsecond)
 _EST_FLOPS_PER_US = 3.0e8   # ~mma.sync fp16 on an H100 (FLOPs per microsecond)
 
