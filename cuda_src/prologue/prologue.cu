@@ -162,6 +162,7 @@ __device__ __forceinline__ void run(
     }
     __syncthreads();  // every thread is done with the lookups before the next group's
   }
+  pdl::wait();  // a block with no group (none today) still waits before it exits
 }
 
 }  // namespace prologue
