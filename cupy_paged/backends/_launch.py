@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import os
 import struct
 import threading
 
@@ -160,8 +161,6 @@ def _launch_kernel_ex():
 def programmatic_supported(device_id):
     """Whether kernels on GPU ``device_id`` can be launched programmatically (sm90+, a driver
     with cuLaunchKernelEx) and CUPY_PAGED_PDL is not "0"."""
-    import os
-
     if os.environ.get("CUPY_PAGED_PDL", "1") == "0" or _launch_kernel_ex() is None:
         return False
     import cupy
@@ -203,11 +202,12 @@ class DirectLaunch:
         self._lock = threading.Lock()
         self._ex = self._config = None
         if programmatic:
-            attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1)
             config = _LaunchConfig(shared_mem=int(shared_mem), num_attrs=1)
             config.grid[:], config.block[:] = grid, block
-            config.attrs = ctypes.pointer(attr)
-            self._config, self._ex = (config, attr), _launch_kernel_ex()
+            # the pointer keeps the attribute alive as long as the config
+            config.attrs = ctypes.pointer(
+                _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1))
+            self._config, self._ex = config, _launch_kernel_ex()
 
     def __call__(self, *pointers, stream=None):
         """Launch with ``pointers`` (device addresses as ints: ``array.data.ptr``, 0 for none)
@@ -220,9 +220,8 @@ class DirectLaunch:
                 _cuda.driver.launchKernel(self._function, *self._dims, stream,
                                           self._block.params, 0)
                 return
-            config = self._config[0]
-            config.stream = stream
-            status = self._ex(config, self._function, self._block.params, None)
+            self._config.stream = stream
+            status = self._ex(self._config, self._function, self._block.params, None)
             if status:
                 raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status}")
 
