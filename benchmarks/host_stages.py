@@ -1,0 +1,95 @@
+"""Host time of each stage of one small flash decode call (the step of host_overhead.py), each
+timed alone in a loop: where the Python side of ``paged_attention`` spends its microseconds.
+
+    python benchmarks/host_stages.py
+
+Stages: adopt_arrays, check_arguments (signature cache hit), choose_backend, the device
+context, the capture check, the guard launch, the prologue launch, the forward launch, the
+backend's whole run, the whole call, and a bare one-argument CuPy kernel launch for scale.
+Launch stages include the driver's launch; the GPU is idle enough that none of them waits.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):      # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def per_call_us(fn, calls):
+    for _ in range(200):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main():
+    import cupy
+    import numpy as np
+
+    from benchmarks.host_overhead import make_call
+    from cupy_paged import _validate, backends
+    from cupy_paged._arrays import adopt_arrays
+    from cupy_paged.backends import _capture, _guard, _prologue, flash
+    from cupy_paged.backends import _flash_kernels as fk
+
+    rng = np.random.default_rng(0)
+    B, N, Nkv, H, bs, past = 8, 32, 8, 128, 16, 100      # host_overhead.py's step
+    blocks = B * -(-(past + 1) // bs)
+    f16 = cupy.float16
+    q = cupy.asarray(rng.standard_normal((B, N * H)), dtype=f16)
+    k = cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16)
+    v = cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16)
+    kc = cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16)
+    vc = cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16)
+    cum = cupy.arange(B + 1, dtype=cupy.int32)
+    pasts = cupy.full(B, past, dtype=cupy.int32)
+    table = cupy.asarray(rng.permutation(blocks).reshape(B, -1), dtype=cupy.int32)
+    out = cupy.empty_like(q)
+    attrs = dict(num_heads=N, kv_num_heads=Nkv, scale=0.0, softcap=0.0, local_window_size=-1,
+                 do_rotary=False, rotary_interleaved=False, max_seqlen_q=1,
+                 max_seqlen_k=past + 1, total_kv_tokens=B * (past + 1))
+    named = {"query": q, "key": k, "value": v, "key_cache": kc, "value_cache": vc,
+             "cumulative_sequence_length": cum, "past_seqlens": pasts, "block_table": table,
+             "cos_cache": None, "sin_cache": None, "out": out}
+    adopted = adopt_arrays(named)
+    problem = _validate.check_arguments(adopted.arrays, **attrs)
+    sm = adopted.sm
+
+    def context():
+        with adopted.context():
+            pass
+
+    def capture_check():
+        with _capture.keep_allocations(cupy):
+            pass
+
+    kernel = cupy.RawKernel('extern "C" __global__ void k(float* x) {}', "k")
+    x = cupy.zeros(1, dtype=cupy.float32)
+    stages = [
+        ("adopt_arrays", lambda: adopt_arrays(named), 20000),
+        ("check_arguments", lambda: _validate.check_arguments(adopted.arrays, **attrs), 20000),
+        ("choose_backend", lambda: backends.choose_backend("flash", problem, "cupy", sm),
+         20000),
+        ("device context", context, 20000),
+        ("capture check", capture_check, 20000),
+        ("guard (launch)", lambda: _guard.run_guard(problem, adopted.arrays, out), 5000),
+        ("prologue (launch)", lambda: _prologue.run_prologue(problem, adopted.arrays), 5000),
+        ("forward (launch)",
+         lambda: fk.launch_flash(problem, q, kc, vc, cum, pasts, table, out, sm), 5000),
+        ("backend run (prologue + forward)", lambda: flash._run(problem, adopted, out), 5000),
+        ("whole call", make_call("flash", True), 5000),
+        ("bare CuPy kernel, 1 argument", lambda: kernel((1,), (32,), (x,)), 5000),
+    ]
+    for name, fn, calls in stages:
+        us = per_call_us(fn, calls)
+        cupy.cuda.Device().synchronize()
+        print(f"{name:34s} {us:6.2f} us")
+
+
+if __name__ == "__main__":
+    main()
