@@ -363,3 +363,23 @@ def test_sass_profile_rejects_other_csv():
 
     with pytest.raises(ValueError, match="not ncu source-page CSV"):
         sass_profile.read(['"Kernel Name","k",', '"ID","Name"', '"1","x"'])
+
+
+def test_ordered_block_table_keeps_each_sequence_contiguous():
+    """tile_sweep.py --tables ordered: the same blocks as the shuffled table, in order."""
+    case = C.make_case("mixed")
+    ordered = C.build_metadata(case, shuffle=False).block_table
+    shuffled = C.build_metadata(case).block_table
+    start = 0
+    for b, n in enumerate(case.blocks_per_seq):
+        assert list(ordered[b, :n]) == list(range(start, start + n))
+        assert (ordered[b, n:] == -1).all()
+        start += n
+    assert sorted(ordered[ordered >= 0]) == sorted(shuffled[shuffled >= 0])
+
+
+def test_gpu_scripts_import_without_a_gpu():
+    import importlib
+
+    for name in ("host_overhead", "host_stages", "tile_sweep", "profile_case"):
+        assert callable(importlib.import_module(f"benchmarks.{name}").main)
