@@ -17,30 +17,44 @@ import time
 import numpy as np
 
 
-def make_call(backend, hinted):
+def step_arguments():
+    """The decode step's (arrays, attributes): B = 8 sequences of 101 keys, N 32, Nkv 8, H 128,
+    block 16, fp16 on the current GPU; arrays in ``paged_attention``'s argument order (cos and
+    sin None), attributes with the host bounds."""
     import cupy
-
-    import cupy_paged
 
     rng = np.random.default_rng(0)
     B, N, Nkv, H, bs, past = 8, 32, 8, 128, 16, 100
     blocks = B * ((past + 1 + bs - 1) // bs)
     f16 = cupy.float16
     q = cupy.asarray(rng.standard_normal((B, N * H)), dtype=f16)
-    k = cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16)
-    v = cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16)
-    kc = cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16)
-    vc = cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16)
-    cum = cupy.arange(B + 1, dtype=cupy.int32)
-    pasts = cupy.full(B, past, dtype=cupy.int32)
-    table = cupy.asarray(rng.permutation(blocks).reshape(B, -1), dtype=cupy.int32)
-    out = cupy.empty_like(q)
-    hints = dict(max_seqlen_q=1, max_seqlen_k=past + 1, total_kv_tokens=B * (past + 1)) \
-        if hinted else {}
+    arrays = {
+        "query": q,
+        "key": cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16),
+        "value": cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16),
+        "key_cache": cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16),
+        "value_cache": cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16),
+        "cumulative_sequence_length": cupy.arange(B + 1, dtype=cupy.int32),
+        "past_seqlens": cupy.full(B, past, dtype=cupy.int32),
+        "block_table": cupy.asarray(rng.permutation(blocks).reshape(B, -1), dtype=cupy.int32),
+        "cos_cache": None, "sin_cache": None, "out": cupy.empty_like(q)}
+    attributes = dict(num_heads=N, kv_num_heads=Nkv, max_seqlen_q=1, max_seqlen_k=past + 1,
+                      total_kv_tokens=B * (past + 1))
+    return arrays, attributes
+
+
+def make_call(backend, hinted):
+    import cupy_paged
+
+    arrays, attributes = step_arguments()
+    if not hinted:
+        for bound in ("max_seqlen_q", "max_seqlen_k", "total_kv_tokens"):
+            del attributes[bound]
+    positional = [arrays[n] for n in list(arrays)[:10]]
 
     def call():
-        cupy_paged.paged_attention(q, k, v, kc, vc, cum, pasts, table, num_heads=N,
-                                   kv_num_heads=Nkv, backend=backend, out=out, **hints)
+        cupy_paged.paged_attention(*positional, backend=backend, out=arrays["out"],
+                                   **attributes)
     return call
 
 

@@ -29,33 +29,19 @@ def per_call_us(fn, calls):
 
 def main():
     import cupy
-    import numpy as np
 
-    from benchmarks.host_overhead import make_call
+    from benchmarks.host_overhead import make_call, step_arguments
     from cupy_paged import _validate, backends
     from cupy_paged._arrays import adopt_arrays
     from cupy_paged.backends import _capture, _guard, _prologue, flash
     from cupy_paged.backends import _flash_kernels as fk
 
-    rng = np.random.default_rng(0)
-    B, N, Nkv, H, bs, past = 8, 32, 8, 128, 16, 100      # host_overhead.py's step
-    blocks = B * -(-(past + 1) // bs)
-    f16 = cupy.float16
-    q = cupy.asarray(rng.standard_normal((B, N * H)), dtype=f16)
-    k = cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16)
-    v = cupy.asarray(rng.standard_normal((B, Nkv * H)), dtype=f16)
-    kc = cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16)
-    vc = cupy.asarray(rng.standard_normal((blocks, bs, Nkv, H)), dtype=f16)
-    cum = cupy.arange(B + 1, dtype=cupy.int32)
-    pasts = cupy.full(B, past, dtype=cupy.int32)
-    table = cupy.asarray(rng.permutation(blocks).reshape(B, -1), dtype=cupy.int32)
-    out = cupy.empty_like(q)
-    attrs = dict(num_heads=N, kv_num_heads=Nkv, scale=0.0, softcap=0.0, local_window_size=-1,
-                 do_rotary=False, rotary_interleaved=False, max_seqlen_q=1,
-                 max_seqlen_k=past + 1, total_kv_tokens=B * (past + 1))
-    named = {"query": q, "key": k, "value": v, "key_cache": kc, "value_cache": vc,
-             "cumulative_sequence_length": cum, "past_seqlens": pasts, "block_table": table,
-             "cos_cache": None, "sin_cache": None, "out": out}
+    named, attrs = step_arguments()
+    attrs = dict(attrs, scale=0.0, softcap=0.0, local_window_size=-1, do_rotary=False,
+                 rotary_interleaved=False)
+    q, kc, vc, cum, pasts, table, out = (named[n] for n in (
+        "query", "key_cache", "value_cache", "cumulative_sequence_length", "past_seqlens",
+        "block_table", "out"))
     adopted = adopt_arrays(named)
     problem = _validate.check_arguments(adopted.arrays, **attrs)
     sm = adopted.sm
