@@ -91,10 +91,10 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   const int row_warp = warp / Tr::KEY_WARPS, key_warp = warp % Tr::KEY_WARPS;
   const int key_off = key_warp * Tr::WARP_KEYS;
 
-  // Launched programmatically after the prologue (common/pdl.cuh): until pdl::wait() below,
-  // only the call's inputs (cum, past, block_table) and the guard's verdict (complete: every
-  // prologue CTA lets this kernel start only after its own wait for the guard) are read, and
-  // every CTA waits before it exits.
+  // May be launched programmatically after the prologue (common/pdl.cuh; the plan decides,
+  // _flash_kernels.overlap_launches): until pdl::wait() below, only the call's inputs (cum,
+  // past, block_table) and the guard's verdict (complete: every prologue CTA lets this kernel
+  // start only after its own wait for the guard) are read, and every CTA waits before it exits.
   // The guard found cum unusable: nothing maps rows to sequences; it wrote every row NaN.
   if (p.fault != nullptr && p.fault[p.batch] != 0) {
     pdl::wait();

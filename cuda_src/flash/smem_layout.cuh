@@ -13,8 +13,9 @@
 // c of row r stored at chunk c ^ (r % 8) (the XOR swizzle of CUTLASS and FlashAttention-2): the
 // 8 rows of an ldmatrix still hit 8 bank groups, every copy lands on whole sectors, and the side
 // data lives in two arrays after the K/V stages. A fragment address then needs an XOR as well
-// as an add, so the decode tiles (memory bound) take this layout and the prefill tiles (which
-// count instructions) keep the padded one.
+// as an add (2 % more instructions in the prefill loop), which the aligned copies repay in
+// prefill too (its K/V tiles are re-read from L2 by every query tile): every tile whose head
+// allows it takes this layout (_flash_kernels.SWIZZLE_HEADS); other heads keep the padded one.
 #pragma once
 
 namespace cupy_paged {
@@ -33,7 +34,6 @@ struct SideColumn {
 
 template <int HEAD, int BN, int STAGES>
 struct PaddedRows {
-  static constexpr bool SWIZZLED = false;
   static constexpr int ROW_BYTES = (HEAD + 8) * 2;
   static constexpr int SIDE_BYTES = 0;  // the side data lives in the pads
   static_assert((ROW_BYTES / 16) % 2 == 1, "padded row stride: an odd number of 16 B");
@@ -52,10 +52,9 @@ struct PaddedRows {
   }
   __device__ __forceinline__ static unsigned step(unsigned lane, int k) { return lane + k * 32; }
   // Key offsets (long long) and loadable flags (int) of stage st's rows.
-  __device__ __forceinline__ static SideColumn<long long> offsets(unsigned char* k_stages,
+  __device__ __forceinline__ static SideColumn<long long> offsets(unsigned char*,
                                                                   unsigned char* v_stages,
                                                                   unsigned char*, int st) {
-    (void)k_stages;
     return {v_stages + st * BN * ROW_BYTES + HEAD * 2, ROW_BYTES};
   }
   __device__ __forceinline__ static SideColumn<int> flags(unsigned char* k_stages,
@@ -67,7 +66,6 @@ struct PaddedRows {
 
 template <int HEAD, int BN, int STAGES>
 struct SwizzledRows {
-  static constexpr bool SWIZZLED = true;
   static constexpr int ROW_BYTES = HEAD * 2;
   // side data: STAGES x BN key offsets (8 bytes) then STAGES x BN flags (4 bytes)
   static constexpr int SIDE_BYTES = STAGES * BN * 12;

@@ -30,10 +30,11 @@ namespace prologue {
 // fault[B] != 0, and the tokens of a sequence with fault[b] != 0 are skipped (no q_out row, no
 // K/V write).
 // cos_cache, sin_cache: (cos_rows, R/2) (unused without rotary); q_out: (T, N, H)
-// Launched programmatically after the guard (common/pdl.cuh): the lookups and the first input
-// loads go out while the guard runs (the guard starts after every earlier kernel on the stream
-// has completed, so the inputs are final); fault is read, and anything written, only after the
-// wait, which also lets the forward kernel start.
+// May be launched programmatically after the guard (common/pdl.cuh; the flash backend's plan
+// decides): the lookups and the first input loads go out while the guard runs (the guard
+// starts after every earlier kernel on the stream has completed, so the inputs are final);
+// fault is read, and anything written, only after the wait, which also lets the forward
+// kernel start.
 // Without the guard, a token whose position has no cos/sin row gets NaN in q_out and writes no
 // K/V, and the sequence search and PagedKV::slot stay inside their arrays for any
 // cum/past/table values: wrong input never turns into an access outside an array.
