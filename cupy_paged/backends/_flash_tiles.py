@@ -1,0 +1,119 @@
+"""Flash backend tiles: the instantiated head sizes, the ``Tile`` of one instantiation (rows,
+keys, warps, stages, key split, shared-memory row layout) and the heuristic that picks one per
+head size, rows per sequence and tile class (``tile_for``). Pure Python; the kernel side is
+``cuda_src/flash/traits.cuh`` and ``smem_layout.cuh``, which ``Tile.smem_bytes`` mirrors.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Instantiated (padded) head sizes; H % 8 == 0 pads up to the next one (32, 40 -> 64).
+HEAD_SIZES = (64, 80, 96, 128, 160, 192, 256)
+# Padded heads whose rows can be swizzled: whole 128-byte lines and a power-of-two chunk count.
+SWIZZLE_HEADS = (64, 128, 256)
+# Opt-in dynamic shared memory per block (bytes) of each tile class (cuda_src/flash/traits.cuh).
+SMEM_LIMIT = {"sm80": 166912, "sm86": 101376}
+_SMALL_SMEM_SMS = frozenset({86, 89, 120, 121})  # ~100 KB per block: the sm86 tile class
+
+
+@dataclass(frozen=True)
+class Tile:
+    """One instantiation's tile: BM query rows x BN keys over a padded head, per tile class.
+    key_warps > 1: groups of that many warps share rows and split each key tile (decode).
+    swizzle: the tiles' shared-memory rows are XOR-swizzled instead of padded by 16 bytes
+    (cuda_src/flash/smem_layout.cuh; needs head 64, 128 or 256)."""
+
+    head: int
+    bm: int
+    bn: int
+    warps: int
+    stages: int
+    arch: str  # "sm80" (163 KB shared memory per block) or "sm86" (99 KB)
+    key_warps: int = 1
+    swizzle: bool = False
+
+    def __post_init__(self):
+        if self.swizzle and self.head not in SWIZZLE_HEADS:
+            raise ValueError(f"a swizzled tile needs head in {SWIZZLE_HEADS}, got {self.head}")
+
+    @property
+    def threads(self):
+        return 32 * self.warps
+
+    @property
+    def mfrag(self):
+        return self.bm // (16 * (self.warps // self.key_warps))
+
+    @property
+    def warp_keys(self):
+        return self.bn // self.key_warps
+
+    @property
+    def smem_bytes(self):
+        """Mirrors Traits::SMEM_BYTES: rows of Q plus STAGES K and V tiles, 2 bytes an element
+        (padded rows: head + 8 elements; swizzled: head, plus 12 bytes of side data per key
+        and stage)."""
+        row = self.head if self.swizzle else self.head + 8
+        side = 12 * self.stages * self.bn if self.swizzle else 0
+        return (self.bm * row + 2 * self.stages * self.bn * row) * 2 + side
+
+
+def arch_class(sm):
+    """The tile class of compute capability ``sm`` (e.g. 90): "sm86" for ~100 KB parts."""
+    return "sm86" if int(sm) in _SMALL_SMEM_SMS else "sm80"
+
+
+def padded_head(head_size):
+    for h in HEAD_SIZES:
+        if head_size <= h:
+            return h
+    raise ValueError(f"head_size {head_size} > {HEAD_SIZES[-1]}: the flash kernel is "
+                     f"instantiated up to {HEAD_SIZES[-1]} channels")
+
+
+def tile_for(head, rows_bound, arch):
+    """Tile for padded head ``head`` when sequences have about ``rows_bound`` rows (q_len * G).
+
+    Decode (rows_bound <= 16): the key-split tile below (H200, fp16, H 128, bs 16,
+    benchmarks/tile_sweep.py: decode 64 x 4096 at 3784 GB/s = 89% of copy, against 3201 for
+    the row-split tile it replaced, 4 warps of 16 rows x 64 keys, 2 stages; 3631 for 2 stages,
+    2909 for 128 keys, 2869 for 4 stages). Short chunks: 4 warps of 16 rows, 64 keys a tile
+    (H100: 2715 GB/s for 32 keys x 4 stages, 2239 for 128 keys, 2130 for 3 stages). Prefill:
+    4 warps of 32 rows (each K/V fragment feeds two MMAs) and 64 keys a tile up to head 128
+    (H100, 8 x 2048 causal, session 2: 227 TFLOP/s, against 213 for 32 keys, 200 for 8 warps
+    of 16 rows, 197 for 64 rows, 133 for 64 rows x 128 keys; this tile gives 300 TFLOP/s on
+    the H200 since session 4), 32 keys above (and for head 128 on ~100 KB parts, where
+    64 keys do not fit). STAGES = 2: one K/V tile in flight while one
+    computes. Any tile is correct for any q_len: speed only.
+
+    Swizzled shared-memory rows wherever the head allows (64, 128, 256): with rows padded by
+    16 bytes every other cp.async row straddles sectors, and the L2 moved 1.5x the sectors
+    the data needs (H100, session 5: decode 64 x 4096 2734 -> 2885 GB/s, prefill 8 x 2048 at
+    block 16 0.912 -> 0.863 ms, for ~2 % more instructions in the prefill loop).
+    """
+    small = arch == "sm86"
+    swizzle = head in SWIZZLE_HEADS
+    if rows_bound <= 16:
+        # Decode: one 16-row fragment whose warps split each key tile (16 keys a warp), so
+        # every warp multiplies keys instead of zero rows; 64-key tiles, 3 stages where they
+        # fit twice per SM; on ~100 KB parts above head 128, 2 warps on 32-key tiles.
+        if small and head > 128:
+            return Tile(head, 16, 32, 2, 2, arch, key_warps=2, swizzle=swizzle)
+        return Tile(head, 16, 64, 4, 3 if head <= 128 and not small else 2, arch, key_warps=4,
+                    swizzle=swizzle)
+    if rows_bound <= 64 or head > 128:
+        bn = 64 if head <= (128 if small else 192) else 32
+        return Tile(head, 64, bn, 4, 2, arch, swizzle=swizzle)
+    return Tile(head, 128, 64 if head <= (96 if small else 128) else 32, 4, 2, arch,
+                swizzle=swizzle)
+
+
+def all_tiles(arch):
+    """Every tile the heuristic can pick in ``arch`` class, in a stable order."""
+    tiles = []
+    for head in HEAD_SIZES:
+        for rows in (16, 64, 65):
+            t = tile_for(head, rows, arch)
+            if t not in tiles:
+                tiles.append(t)
+    return tiles
