@@ -3,9 +3,9 @@ timed alone in a loop: where the Python side of ``paged_attention`` spends its m
 
     python benchmarks/host_stages.py
 
-Stages: adopt_arrays, check_arguments (signature cache hit), choose_backend, the device
-context, the capture check, the guard launch, the prologue launch, the forward launch, the
-backend's whole run, the whole call, and a bare one-argument CuPy kernel launch for scale.
+Stages: adopt_arrays, check_arguments (signature cache hit), the plan lookup, the device
+context, the capture check, each step of the plan alone (guard, prologue, forward launches),
+the plan's whole run, the whole call, and a bare one-argument CuPy kernel launch for scale.
 Launch stages include the driver's launch; the GPU is idle enough that none of them waits.
 """
 from __future__ import annotations
@@ -33,18 +33,20 @@ def main():
     from benchmarks.host_overhead import make_call, step_arguments
     from cupy_paged import _validate, backends
     from cupy_paged._arrays import adopt_arrays
-    from cupy_paged.backends import _capture, _guard, _prologue, flash
-    from cupy_paged.backends import _flash_kernels as fk
+    from cupy_paged.backends import _capture
+    from cupy_paged.backends.plan import DEFAULT_OPTIONS, Call
 
     named, attrs = step_arguments()
     attrs = dict(attrs, scale=0.0, softcap=0.0, local_window_size=-1, do_rotary=False,
                  rotary_interleaved=False)
-    q, kc, vc, cum, pasts, table, out = (named[n] for n in (
-        "query", "key_cache", "value_cache", "cumulative_sequence_length", "past_seqlens",
-        "block_table", "out"))
+    out = named["out"]
     adopted = adopt_arrays(named)
     problem = _validate.check_arguments(adopted.arrays, **attrs)
-    sm = adopted.sm
+    sm, device = adopted.sm, adopted.device
+    plan = backends.plan_for("flash", problem, "cupy", device, sm, DEFAULT_OPTIONS)
+    guard, prologue, forward = plan.steps
+    call = Call(adopted.arrays, out)
+    guard(call)
 
     def context():
         with adopted.context():
@@ -59,15 +61,14 @@ def main():
     stages = [
         ("adopt_arrays", lambda: adopt_arrays(named), 20000),
         ("check_arguments", lambda: _validate.check_arguments(adopted.arrays, **attrs), 20000),
-        ("choose_backend", lambda: backends.choose_backend("flash", problem, "cupy", sm),
-         20000),
+        ("plan lookup", lambda: backends.plan_for("flash", problem, "cupy", device, sm,
+                                                  DEFAULT_OPTIONS), 20000),
         ("device context", context, 20000),
         ("capture check", capture_check, 20000),
-        ("guard (launch)", lambda: _guard.run_guard(problem, adopted.arrays, out), 5000),
-        ("prologue (launch)", lambda: _prologue.run_prologue(problem, adopted.arrays), 5000),
-        ("forward (launch)",
-         lambda: fk.launch_flash(problem, q, kc, vc, cum, pasts, table, out, sm), 5000),
-        ("backend run (prologue + forward)", lambda: flash._run(problem, adopted, out), 5000),
+        ("guard (launch)", lambda: guard(call), 5000),
+        ("prologue (launch)", lambda: prologue(call), 5000),
+        ("forward (launch)", lambda: forward(call), 5000),
+        ("plan run (guard + prologue + forward)", lambda: plan.run(adopted.arrays, out), 5000),
         ("whole call", make_call("flash", True), 5000),
         ("bare CuPy kernel, 1 argument", lambda: kernel((1,), (32,), (x,)), 5000),
     ]

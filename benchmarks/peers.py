@@ -135,11 +135,12 @@ def check(impl, outputs, ref):
 
 
 # --- ours ----------------------------------------------------------------------------------
-def build_ours(backend, case, meta, sets):
+def build_ours(backend, case, meta, sets, options=None):
     """cupy_paged.paged_attention(..., backend=backend) on CuPy views of the torch tensors.
 
     Timed as the user calls it: validation of shapes on the host, the prologue (new K/V
     written into the caches; no rotary here) and the attention. out= is preallocated.
+    options: a ``cupy_paged.PlanOptions`` (tile, split count, launch mode), or None.
     """
     import cupy
 
@@ -153,6 +154,8 @@ def build_ours(backend, case, meta, sets):
         hints["max_seqlen_k"] = max(case.kv_lens)
     if "total_kv_tokens" in params:
         hints["total_kv_tokens"] = sum(case.kv_lens)
+    if options is not None:
+        hints["options"] = options
     views = [{name: cupy.asarray(getattr(s, name)) for name in
               ("q", "k", "v", "kc", "vc", "cum", "past", "table", "out")} for s in sets]
 
@@ -171,7 +174,8 @@ def build_ours(backend, case, meta, sets):
 
     notes = ["includes the prologue (new K/V written into the paged caches)"]
     if hints:
-        notes.append("host bounds passed: " + ", ".join(f"{k}={v}" for k, v in hints.items()))
+        notes.append("host bounds passed: " + ", ".join(
+            f"{k}={v}" for k, v in hints.items() if k != "options"))
     return Impl(f"ours:{backend}", "ours", fn, row, notes)
 
 

@@ -4,9 +4,10 @@ SDPA FLASH peer and the device copy bandwidth measured in the same process.
     python benchmarks/tile_sweep.py --case prefill_8x2048 --tile 128,32,4,2 128,64,4,2 \
         [--splits 0 2 4] [--block-size 16 256] [--peers flash cudnn] [--tables shuffled ordered]
 
-A tile is BM,BN,WARPS,STAGES[,KEY_WARPS[,SWIZZLE]] (cupy_paged/backends/_flash_kernels.Tile);
---splits 0 is the planner's choice. Every timed output row is checked against float32 torch first. For choosing
-the heuristic in ``_flash_kernels.tile_for``; `benchmarks/run.py` gives the reported numbers.
+A tile is BM,BN,WARPS,STAGES[,KEY_WARPS[,SWIZZLE]] (``cupy_paged.Tile``), run through the plan
+option ``cupy_paged.PlanOptions(tile=..., num_splits=...)``; --splits 0 is the planner's choice.
+Every timed output row is checked against float32 torch first. For choosing the heuristic in
+``_flash_tiles.tile_for``; `benchmarks/run.py` gives the reported numbers.
 """
 from __future__ import annotations
 
@@ -48,13 +49,13 @@ def main(argv=None):
     import torch
 
     from benchmarks import peers, timing
-    from cupy_paged.backends import _flash_kernels as fk
+    from cupy_paged import PlanOptions
+    from cupy_paged.backends import _flash_tiles as fk
 
     tkw = dict(timing.QUICK)
     copy = timing.copy_bandwidth(**tkw)
     copy_gbps = copy["bytes_per_s"] / 1e9
     print(f"{torch.cuda.get_device_name()}: copy {copy_gbps:.0f} GB/s", flush=True)
-    heuristic_plan, heuristic_tile = fk._plan, fk.problem_tile
     records = []
     for name in args.cases:
         for bs, table in itertools.product(args.block_sizes, args.tables):
@@ -74,19 +75,13 @@ def main(argv=None):
             tiles = [None] + [_tile(fk, case, s, arch) for s in args.tiles]
             for tile in tiles:
                 for splits in args.splits:
-                    fk.problem_tile = heuristic_tile if tile is None else (
-                        lambda problem, sm, tile=tile: tile)
-                    fk._plan = heuristic_plan
-                    heuristic_plan.cache_clear()
-                    if splits:
-                        fk._plan = (lambda problem, sm, n, ns, s=splits:
-                                    heuristic_plan(problem, sm, n, s))
+                    options = PlanOptions(tile=tile, num_splits=splits or None)
                     label = "heuristic" if tile is None else (
                         f"m{tile.bm}n{tile.bn}w{tile.warps}k{tile.key_warps}s{tile.stages}"
                         f"{'x' if tile.swizzle else ''}")
                     label += f" splits={splits or 'plan'} {table}"
                     try:
-                        impl = peers.build_ours("flash", case, meta, sets)
+                        impl = peers.build_ours("flash", case, meta, sets, options)
                         out = impl.fn(0)
                         torch.cuda.synchronize()
                         chk = peers.check(impl, out, ref)
@@ -95,7 +90,6 @@ def main(argv=None):
                         print(f"{name} bs={bs} {label}: {type(exc).__name__}: {exc}"[:300])
                         continue
                     _report(records, name, bs, "ours:flash", label, t, flops, nbytes, chk)
-    fk.problem_tile, fk._plan = heuristic_tile, heuristic_plan
     if args.json:
         Path(args.json).write_text(json.dumps({"copy_gbps": copy_gbps,
                                                "records": records}, indent=1))

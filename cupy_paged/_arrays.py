@@ -31,6 +31,11 @@ class AdoptedArrays:
     origin: str | None = None
 
     @property
+    def device(self):
+        """The arrays' GPU id; None on NumPy."""
+        return self.arrays["query"].data.device_id if self.kind == "cupy" else None
+
+    @property
     def sm(self):
         """Compute capability of the arrays' GPU as an int (e.g. 90); None on NumPy."""
         if self.kind != "cupy":

@@ -22,7 +22,14 @@ from dataclasses import dataclass
 
 from . import backends
 from ._validate import Problem
-from .backends import _flash_kernels, _gather, _guard, _mea_kernels, _prologue
+from .backends import (
+    _flash_kernels,
+    _flash_tiles,
+    _gather,
+    _guard,
+    _mea_kernels,
+    _prologue,
+)
 from .errors import CompileError, ToolchainError
 from .jit import cache, compiler, find_toolchain, get_spec
 from .jit.registry import arch_number
@@ -158,7 +165,7 @@ def check_config(dtypes, head_sizes, num_heads, kv_num_heads, block_sizes, all):
     if all:
         if head_sizes:
             raise ValueError("head_sizes: all=True builds every head size; pass one or the other")
-        head_sizes = _flash_kernels.HEAD_SIZES  # covers every mea tile too (<= 64, <= 128, more)
+        head_sizes = _flash_tiles.HEAD_SIZES  # covers every mea tile too (<= 64, <= 128, more)
     elif not head_sizes:
         raise ValueError("head_sizes: pass the model's head size (e.g. head_sizes=[128], "
                          "--head-size 128), or all=True (--all) for every kernel")

@@ -1,15 +1,17 @@
-"""``paged_attention``: validate -> plan (pick the backend, say why) -> launch."""
+"""``paged_attention``: validate -> plan (pick the backend, say why) -> run; ``plan`` makes the
+plan of a call signature up front, for callers that want to inspect it or reuse it."""
 from __future__ import annotations
 
-import contextlib
 import os
 
 from . import _validate, backends
 from ._arrays import adopt_arrays
-from .backends import _capture, _guard
+from .backends import _guard
+from .backends.plan import DEFAULT_OPTIONS
 
 check_errors = _guard.check_errors
-_NOTHING = contextlib.nullcontext()
+_ARRAYS = ("query", "key", "value", "key_cache", "value_cache", "cumulative_sequence_length",
+           "past_seqlens", "block_table", "cos_cache", "sin_cache")
 
 
 def paged_attention(
@@ -19,7 +21,7 @@ def paged_attention(
     num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
     do_rotary=False, rotary_interleaved=False,
     backend="auto", validate=False, out=None,
-    max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None,
+    max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None, options=None,
 ):
     """Attention of new tokens over a paged KV cache (ONNX Runtime ``PagedAttention`` semantics).
 
@@ -43,6 +45,8 @@ def paged_attention(
     q_len, the largest past + q_len and the sum of past + q_len. GPU backends size their grids
     and scratch from them without a device->host sync; without them a backend that needs
     such a size syncs once (the flash backend never needs to). Checked when validating.
+    options: a ``cupy_paged.PlanOptions`` overriding the backend's heuristics (tile, split
+    count, programmatic launches, mea's arch tag).
     Returns (T, N*H) in query's dtype, as the same kind of array as the input.
     See ``shared/spec/semantics.md`` for the exact contract.
     """
@@ -58,14 +62,93 @@ def paged_attention(
         softcap=softcap, local_window_size=local_window_size, do_rotary=do_rotary,
         rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens)
+    plan_ = backends.plan_for(requested, problem, adopted.kind, adopted.device, adopted.sm,
+                              DEFAULT_OPTIONS if options is None else options)
+    return _run(plan_, adopted, out, validate)
 
-    chosen = backends.choose_backend(requested, problem, adopted.kind, adopted.sm)
 
-    # GPU backends trust the device guard; the reference (NumPy, or host copies) checks here.
-    guarded = adopted.kind == "cupy" and chosen.name != "reference"
+def plan(query, key, value, key_cache, value_cache, cumulative_sequence_length, past_seqlens,
+         block_table, cos_cache=None, sin_cache=None, *, backend="auto", options=None,
+         **attributes):
+    """The plan of a ``paged_attention`` call signature, made now: ``AttentionPlan``.
+
+    Takes ``paged_attention``'s arguments (only the arrays' kind, device, shapes, strides and
+    dtypes are read: any arrays of the batch shape will do) and returns an object that runs
+    calls of that signature, ``plan(query, ..., out=None, validate=False)``, and tells what
+    they do: ``backend``, ``reason``, ``launches`` (kernel, grid, block, shared memory,
+    programmatic), ``details``. A server or a CUDA-graph user builds the plan of its batch
+    shape once; ``paged_attention`` makes and caches the same plan itself.
+    """
+    requested = backends.check_backend_name(backend)
+    arrays = dict(zip(_ARRAYS, (query, key, value, key_cache, value_cache,
+                                cumulative_sequence_length, past_seqlens, block_table,
+                                cos_cache, sin_cache)))
+    adopted = adopt_arrays(dict(arrays, out=attributes.pop("out", None)))
+    attributes = _attributes(**attributes)
+    problem = _validate.check_arguments(adopted.arrays, **attributes)
+    options = DEFAULT_OPTIONS if options is None else options
+    made = backends.plan_for(requested, problem, adopted.kind, adopted.device, adopted.sm,
+                             options)
+    return AttentionPlan(made, requested, attributes, options)
+
+
+def _attributes(*, num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
+                do_rotary=False, rotary_interleaved=False, max_seqlen_q=None,
+                max_seqlen_k=None, total_kv_tokens=None):
+    return dict(num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, softcap=softcap,
+                local_window_size=local_window_size, do_rotary=do_rotary,
+                rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
+                max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens)
+
+
+class AttentionPlan:
+    """A planned ``paged_attention`` signature (see ``cupy_paged.plan``).
+
+    Calling it with arrays of the planned kind, device, shapes, strides and dtypes runs the
+    call (the same as ``paged_attention`` with the planned keyword arguments); other arrays
+    raise ValueError. backend, reason, launches, details: the plan's facts.
+    """
+
+    def __init__(self, made, requested, attributes, options):
+        self._plan, self._requested, self._attributes = made, requested, attributes
+        self._options = options
+
+    backend = property(lambda self: self._plan.backend)
+    reason = property(lambda self: self._plan.reason)
+    launches = property(lambda self: self._plan.launches)
+    details = property(lambda self: dict(self._plan.details))
+
+    def __call__(self, query, key, value, key_cache, value_cache, cumulative_sequence_length,
+                 past_seqlens, block_table, cos_cache=None, sin_cache=None, *, out=None,
+                 validate=False):
+        """Run one call; returns (T, N*H) like ``paged_attention``."""
+        adopted = adopt_arrays({
+            "query": query, "key": key, "value": value,
+            "key_cache": key_cache, "value_cache": value_cache,
+            "cumulative_sequence_length": cumulative_sequence_length,
+            "past_seqlens": past_seqlens, "block_table": block_table,
+            "cos_cache": cos_cache, "sin_cache": sin_cache, "out": out})
+        problem = _validate.check_arguments(adopted.arrays, **self._attributes)
+        made = self._plan
+        if problem != made.problem or adopted.device != made.device:
+            raise ValueError(
+                "arrays: this plan runs calls of one signature; these arrays differ from it "
+                f"(planned {made.problem} on device {made.device}, got {problem} on device "
+                f"{adopted.device}); make another plan with cupy_paged.plan")
+        return _run(made, adopted, out, validate)
+
+    def __repr__(self):
+        kernels = ", ".join(launch.kernel for launch in self.launches)
+        return f"<AttentionPlan {self.backend}: {kernels or 'host'}>"
+
+
+def _run(plan_, adopted, out, validate):
+    """Run ``plan_`` on the adopted arrays: the host checks where the plan has no guard (or
+    validate asks), the output, the steps, and with validate the guard's error."""
+    problem = plan_.problem
     validate = validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1"
     with adopted.context():      # the arrays' GPU; torch tensors: torch's current stream
-        if not guarded or validate:
+        if not plan_.gpu or validate:
             _validate.check_metadata(problem, *_metadata_on_host(adopted))
         result = adopted.arrays["out"]
         if result is None:
@@ -73,11 +156,9 @@ def paged_attention(
                 (problem.num_tokens, problem.num_heads * problem.head_size),
                 dtype=adopted.arrays["query"].dtype)
         if problem.num_tokens:             # T = 0: nothing to write, caches untouched
-            with _capture.keep_allocations(adopted.xp) if guarded else _NOTHING:
-                fault = _guard.run_guard(problem, adopted.arrays, result) if guarded else None
-                chosen.run(problem, adopted, result, fault)
-            if guarded and validate:
-                _guard.check_errors(adopted.arrays["query"].device.id)
+            plan_.run(adopted.arrays, result)
+            if plan_.gpu and validate:
+                _guard.check_errors(adopted.device)
     return adopted.wrap(result, caller_out=out)
 
 

@@ -7,7 +7,6 @@ against the NumPy reference on float32 copies of the fp16 / bf16 inputs (the new
 into the caches on the host), output poisoned with NaN first, rows that see no key exactly 0.
 ``python tests/test_flash_kernel.py`` times one prefill and one decode (CUDA events).
 """
-import contextlib
 import dataclasses
 import math
 import os
@@ -20,7 +19,8 @@ import pytest
 
 from cupy_paged._validate import Problem
 from cupy_paged.backends import _flash_kernels as fk
-from cupy_paged.backends._launch import sm_count
+from cupy_paged.backends import _flash_policy as policy
+from cupy_paged.backends import _flash_tiles as tiles
 from cupy_paged.reference import paged_attention_reference
 
 try:
@@ -79,9 +79,9 @@ def test_flash_compile_every_sm80_instantiation(flash_cache_dir):
 def test_flash_compile_each_template_for(arch, flash_cache_dir):
     from cupy_paged.jit import compile_many
 
-    cls = fk.arch_class(int(arch[3:]))
-    tiles = fk.all_tiles(cls)
-    names = [fk._register_fwd("float16", tiles[0]), fk._register_fwd("bfloat16", tiles[-1]),
+    cls = tiles.arch_class(int(arch[3:]))
+    picks = tiles.all_tiles(cls)
+    names = [fk._register_fwd("float16", picks[0]), fk._register_fwd("bfloat16", picks[-1]),
              fk._register_combine("float16"), fk._register_combine("bfloat16")]
     start = time.perf_counter()
     results = compile_many([(n, arch) for n in names])
@@ -118,28 +118,29 @@ def test_flash_variant_names_are_readable_and_unique():
     with pytest.raises(ValueError, match="float16 and bfloat16"):
         fk.variant_name(dataclasses.replace(decode, dtype="float32"), 80)
     with pytest.raises(ValueError, match="head_size 264"):
-        fk.padded_head(264)
+        tiles.padded_head(264)
 
 
 def test_flash_overlaps_launches_only_when_the_gpu_time_dominates():
     # benchmarks/host_overhead.py's step (B = 8, 101 keys): host bound, plain launches
     step = make_problem(T=8, B=8, N=32, Nkv=8, H=128, bs=16, num_blocks=56, max_blocks=7)
-    assert not fk.overlap_launches(step)
+    assert not policy.overlap_launches(step)
     # decode 64 x 4096 (1 GB of K/V) and prefill 8 x 2048 (compute): programmatic launches
     decode = make_problem(T=64, B=64, N=32, Nkv=8, H=128, bs=16, num_blocks=16384,
                           max_blocks=256)
     prefill = make_problem(T=16384, B=8, N=32, Nkv=8, H=128, bs=16, num_blocks=1024,
                            max_blocks=128)
-    assert fk.overlap_launches(decode) and fk.overlap_launches(prefill)
+    assert policy.overlap_launches(decode) and policy.overlap_launches(prefill)
     # a host bound on the keys shrinks the estimate
-    assert not fk.overlap_launches(dataclasses.replace(decode, max_seqlen_k=16))
-    assert fk._plan(decode, 90, 132, None).overlap
+    assert not policy.overlap_launches(dataclasses.replace(decode, max_seqlen_k=16))
+    assert policy.overlap_launches(decode, threshold_us=0.0) and not policy.overlap_launches(
+        decode, threshold_us=1e9)                       # the threshold the plan passes
 
 
 def test_flash_swizzled_tile_needs_a_line_sized_head():
     with pytest.raises(ValueError, match="swizzled tile needs head in"):
-        fk.Tile(96, 16, 64, 4, 3, "sm80", key_warps=4, swizzle=True)
-    padded = fk.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4)
+        tiles.Tile(96, 16, 64, 4, 3, "sm80", key_warps=4, swizzle=True)
+    padded = tiles.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4)
     swizzled = dataclasses.replace(padded, swizzle=True)
     # rows of 128 elements instead of 136, plus 12 bytes of side data per key and stage
     assert padded.smem_bytes - swizzled.smem_bytes == (16 + 6 * 64) * 8 * 2 - 12 * 3 * 64
@@ -147,12 +148,12 @@ def test_flash_swizzled_tile_needs_a_line_sized_head():
 
 @pytest.mark.parametrize("arch", ["sm80", "sm86"])
 def test_flash_tiles_fit_shared_memory(arch):
-    for tile in fk.all_tiles(arch):
-        assert tile.smem_bytes <= fk.SMEM_LIMIT[arch], tile
+    for tile in tiles.all_tiles(arch):
+        assert tile.smem_bytes <= tiles.SMEM_LIMIT[arch], tile
         assert tile.bm % (16 * (tile.warps // tile.key_warps)) == 0
         assert tile.warp_keys % 16 == 0 and tile.warps % tile.key_warps == 0
-    heads = {t.head for t in fk.all_tiles(arch)}
-    assert heads == set(fk.HEAD_SIZES)
+    heads = {t.head for t in tiles.all_tiles(arch)}
+    assert heads == set(tiles.HEAD_SIZES)
 
 
 @pytest.mark.parametrize("block_size", list(range(1, 70)) + [96, 100, 255, 256, 257, 511, 512,
@@ -172,19 +173,19 @@ def test_flash_split_heuristic():
     sms = 132
     long_decode = make_problem(T=1, B=1, N=32, Nkv=8, H=128, bs=16, num_blocks=2048,
                                max_blocks=2048)
-    s = fk.plan_splits(long_decode, sms, 90)
+    s = policy.plan_splits(long_decode, sms, 90)
     assert 8 <= s <= 64, s                          # 8 units on 132 SMs: split the keys
     short_decode = dataclasses.replace(long_decode, max_blocks=4)
-    assert fk.plan_splits(short_decode, sms, 90) == 1   # 64 keys: nothing to split
+    assert policy.plan_splits(short_decode, sms, 90) == 1   # 64 keys: nothing to split
     prefill = make_problem(T=8 * 2048, B=8, N=32, Nkv=8, H=128, bs=16, num_blocks=8192,
                            max_blocks=128)
-    assert fk.plan_splits(prefill, sms, 90) == 1
+    assert policy.plan_splits(prefill, sms, 90) == 1
     batch_decode = make_problem(T=64, B=64, N=32, Nkv=8, H=128, bs=16, num_blocks=16384,
                                 max_blocks=256)
-    assert 1 <= fk.plan_splits(batch_decode, sms, 90) <= 4
+    assert 1 <= policy.plan_splits(batch_decode, sms, 90) <= 4
     hinted = dataclasses.replace(long_decode, max_seqlen_k=64)
-    assert fk.plan_splits(hinted, sms, 90) == 1         # the key hint bounds the splits
-    assert fk.workspace_shape(long_decode, s) == ((s, 32, 128), (s, 32))
+    assert policy.plan_splits(hinted, sms, 90) == 1         # the key hint bounds the splits
+    assert policy.workspace_shape(long_decode, s) == ((s, 32, 128), (s, 32))
 
 
 # ---------------------------------------------------------------- CPU: the kernel's arithmetic
@@ -225,15 +226,17 @@ def _kernel_tiles(cum, past, G, bm, bn, window, splits):
 
 
 def test_flash_scalars_travel_as_one_struct_in_field_order():
-    """The plan's scalars are one (1,) structured array whose fields mirror the generated C
-    struct (4-byte fields, no padding), filled from the problem; 11 kernel arguments in all."""
+    """The plan's scalars are one (1,) structured array whose fields mirror the C struct
+    (8-byte pointers, then 4-byte fields, padding only at the tail), filled from the problem;
+    the kernel takes that one struct."""
     problem = make_problem(T=70, B=3, N=32, Nkv=8, H=128, bs=48, num_blocks=200,
                            max_blocks=40, softcap=30.0, window=100)
-    plan = fk._plan(problem, 90, 132, 3)
-    s = plan.scalars
-    assert s.shape == (1,) and s.dtype == fk.FWD_SCALARS.dtype
-    assert s.dtype.itemsize == 4 * len(fk.FWD_SCALARS.fields)
-    assert list(s.dtype.names) == [name for _, name in fk.FWD_SCALARS.fields]
+    s = fk.forward_params(problem, 3)
+    struct = fk.FWD_PARAMS
+    assert s.shape == (1,) and s.dtype == struct.dtype
+    fields = 8 * len(struct.pointers) + 4 * len(struct.scalars)
+    assert s.dtype.itemsize == -(-fields // 8) * 8          # only tail padding
+    assert list(s.dtype.names) == [name for _, name in struct.fields]
     bs, shift, magic, magic_shift = fk.block_divisor(48)
     want = dict(num_tokens=70, batch=3, num_heads=32, kv_heads=8, head_size=128, group=4,
                 block_size=bs, block_shift=shift, block_magic=magic,
@@ -243,11 +246,10 @@ def test_flash_scalars_travel_as_one_struct_in_field_order():
         assert int(s[0][name]) == value, name
     assert math.isclose(float(s[0]["cap_in"]), problem.scale / 30.0, rel_tol=1e-6)
     assert math.isclose(float(s[0]["cap_out"]), 30.0 * math.log2(math.e), rel_tol=1e-6)
-    spec_entry = fk._register_fwd("float16", fk.problem_tile(problem, 90))
+    spec_entry = fk._register_fwd("float16", policy.problem_tile(problem, 90))
     from cupy_paged.jit import get_spec
     code = get_spec(spec_entry).entry_code
-    assert fk.FWD_SCALARS.definition in code and "const FwdScalars scalars" in code
-    assert code.count("*") - fk.FWD_SCALARS.definition.count("*") == len(fk.FWD_POINTERS) + 1
+    assert struct.size_check in code and f"{spec_entry}(const {struct.cname} p)" in code
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -325,23 +327,10 @@ def _device_sm():
     return int(cupy.cuda.Device().compute_capability)
 
 
-@contextlib.contextmanager
-def forced_tile(tile):
-    """Makes the launcher use ``tile`` (None: the heuristic's) for every problem."""
-    saved = fk.problem_tile
-    if tile is not None:
-        fk.problem_tile = lambda problem, sm: tile
-    fk._plan.cache_clear()
-    try:
-        yield
-    finally:
-        fk.problem_tile = saved
-        fk._plan.cache_clear()
-
-
-def run_flash(case, dtype, seed, num_splits=None, **hints):
-    """Runs ``case`` (rotary none: q is already rotated) through launch_flash; returns
-    (relative error, number of rows that see no key)."""
+def run_flash(case, dtype, seed, num_splits=None, tile=None, **hints):
+    """Runs ``case`` (rotary none: q is already rotated) through launch_flash (``tile``: the
+    tile to run, None: the heuristic's); returns (relative error, number of rows that see no
+    key)."""
     import cupy
 
     inp = make_inputs(dataclasses.replace(case, dtype="float32", rotary="none", packed=False),
@@ -359,7 +348,7 @@ def run_flash(case, dtype, seed, num_splits=None, **hints):
                past=cupy.asarray(past), table=cupy.asarray(table))
     out = _nan_out((T, N * H), dtype)
     fk.launch_flash(problem, dev["q"], dev["kc"], dev["vc"], dev["cum"], dev["past"],
-                    dev["table"], out, _device_sm(), num_splits=num_splits)
+                    dev["table"], out, _device_sm(), num_splits=num_splits, tile=tile)
     got = _from_low(cupy.asnumpy(out), dtype)
     tag = f"{case.name} [{dtype}, splits={num_splits}]"
     assert np.isfinite(got).all(), f"{tag}: NaN/inf in the output (unwritten rows?)"
@@ -379,7 +368,7 @@ def flash_compiled():
     from cupy_paged.jit import compile_many
 
     sm = _device_sm()
-    names = fk.all_variant_names(fk.arch_class(sm))
+    names = fk.all_variant_names(tiles.arch_class(sm))
     start = time.perf_counter()
     compile_many([(n, f"sm_{sm}") for n in names])
     print(f"\nflash: {len(names)} kernels ready for sm_{sm} in {time.perf_counter() - start:.1f} s")
@@ -468,29 +457,28 @@ def test_flash_long_prefill(dtype, flash_compiled):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", [fk.Tile(128, 64, 32, 4, 4, "sm80"),
-                                  fk.Tile(128, 128, 64, 4, 3, "sm80"),
-                                  fk.Tile(128, 16, 64, 1, 2, "sm80"),
-                                  fk.Tile(128, 128, 64, 4, 2, "sm80"),  # padded prefill
-                                  fk.Tile(128, 64, 32, 4, 4, "sm80", swizzle=True)],
+@pytest.mark.parametrize("tile", [tiles.Tile(128, 64, 32, 4, 4, "sm80"),
+                                  tiles.Tile(128, 128, 64, 4, 3, "sm80"),
+                                  tiles.Tile(128, 16, 64, 1, 2, "sm80"),
+                                  tiles.Tile(128, 128, 64, 4, 2, "sm80"),  # padded prefill
+                                  tiles.Tile(128, 64, 32, 4, 4, "sm80", swizzle=True)],
                          ids=lambda t: fk.fwd_name("float16", t))
 def test_flash_other_tiles_and_deeper_pipelines(tile, flash_compiled):
     """Tiles the heuristic does not pick today (STAGES 3 and 4, one warp, padded rows at
     head 128, swizzled rows with 4 stages) stay correct."""
     case = Case("tiles", lens=((1, 3000), (70, 500), (0, 3), (200, 0)), N=8, Nkv=2, H=128,
                 bs=16, holes=4, W=1000)
-    with forced_tile(tile):
-        run_flash(case, "float16", 19)
-        run_flash(case, "bfloat16", 20, num_splits=3)
+    run_flash(case, "float16", 19, tile=tile)
+    run_flash(case, "bfloat16", 20, num_splits=3, tile=tile)
 
 
-KEY_SPLIT_TILES = [fk.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4, swizzle=True),  # the pick
-                   fk.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4),   # padded rows
-                   fk.Tile(128, 16, 64, 4, 2, "sm80", key_warps=4),
-                   fk.Tile(128, 16, 128, 4, 2, "sm80", key_warps=4, swizzle=True),  # 32 keys/warp
-                   fk.Tile(128, 32, 64, 4, 2, "sm80", key_warps=2),   # 2 row groups of 2
-                   fk.Tile(128, 32, 64, 4, 2, "sm80", key_warps=2, swizzle=True),
-                   fk.Tile(128, 16, 32, 2, 2, "sm86", key_warps=2, swizzle=True)]  # sm86 pick
+KEY_SPLIT_TILES = [tiles.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4, swizzle=True),  # the pick
+                   tiles.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4),   # padded rows
+                   tiles.Tile(128, 16, 64, 4, 2, "sm80", key_warps=4),
+                   tiles.Tile(128, 16, 128, 4, 2, "sm80", key_warps=4, swizzle=True),  # 32 keys/warp
+                   tiles.Tile(128, 32, 64, 4, 2, "sm80", key_warps=2),   # 2 row groups of 2
+                   tiles.Tile(128, 32, 64, 4, 2, "sm80", key_warps=2, swizzle=True),
+                   tiles.Tile(128, 16, 32, 2, 2, "sm86", key_warps=2, swizzle=True)]  # sm86 pick
 KEY_SPLIT_CASES = [
     Case("ks_decode_ctx", lens=((1, 4095), (1, 0), (1, 777), (1, 3000)), N=8, Nkv=2, H=128,
          bs=16, holes=3),
@@ -509,9 +497,8 @@ def test_flash_key_split_tiles_match_reference(tile, case, flash_compiled):
     """Decode tiles whose warps split each key tile: every slice's partial softmax merged
     (rows that see keys in only some slices, none at all, holes, windows, softcap, G = 1 to 16,
     split-KV on top), against the reference."""
-    with forced_tile(tile):
-        run_flash(case, "float16", zlib.crc32(case.name.encode()))
-        run_flash(case, "bfloat16", 21, num_splits=3)
+    run_flash(case, "float16", zlib.crc32(case.name.encode()), tile=tile)
+    run_flash(case, "bfloat16", 21, num_splits=3, tile=tile)
 
 
 @pytest.mark.gpu
@@ -642,11 +629,10 @@ def _bench_case(B, q_len, ctx, N=32, Nkv=8, H=128, bs=16, dtype="float16", split
     problem = make_problem(T, B, N, Nkv, H, bs, nb, blocks_per, dtype)
     out = _nan_out((T, N * H), dtype)
     sm = _device_sm()
-    with forced_tile(tile):
-        name = fk.variant_name(problem, sm)
-        ms = _time_ms(lambda: fk.launch_flash(problem, q, kc, vc, cum, past, table, out, sm,
-                                              num_splits=splits))
-        used = fk._plan(problem, sm, sm_count(q.device.id), splits).splits
+    step = fk.ForwardStep(problem, q.device.id, sm, tile, splits)
+    name = fk.variant_name(problem, sm, tile)
+    ms = _time_ms(lambda: step.run(q, kc, vc, cum, past, table, out))
+    used = step.splits
     assert np.isfinite(_from_low(cupy.asnumpy(out), dtype)).all()
     pairs = B * sum(min(ctx, ctx - q_len + j + 1) for j in range(q_len))
     flops = 4 * pairs * N * H
@@ -663,17 +649,17 @@ def _bench():
     decode = dict(B=64, q_len=1, ctx=4096)
     rows = [("prefill 8x2048 N32 Nkv8 H128 bs16", prefill),
             ("  bf16", dict(prefill, dtype="bfloat16")),
-            ("  tile m64 n64", dict(prefill, tile=fk.Tile(128, 64, 64, 4, 2, "sm80"))),
-            ("  tile m128 n64", dict(prefill, tile=fk.Tile(128, 128, 64, 4, 2, "sm80"))),
-            ("  tile m128 n64 s3", dict(prefill, tile=fk.Tile(128, 128, 64, 4, 3, "sm80"))),
+            ("  tile m64 n64", dict(prefill, tile=tiles.Tile(128, 64, 64, 4, 2, "sm80"))),
+            ("  tile m128 n64", dict(prefill, tile=tiles.Tile(128, 128, 64, 4, 2, "sm80"))),
+            ("  tile m128 n64 s3", dict(prefill, tile=tiles.Tile(128, 128, 64, 4, 3, "sm80"))),
             ("decode 64x4096 N32 Nkv8 H128 bs16", decode),
             ("  no split", dict(decode, splits=1)),
             ("  split 4", dict(decode, splits=4)),
             ("  bf16", dict(decode, dtype="bfloat16")),
             ("  bs256", dict(decode, bs=256)),
-            ("  tile m16 n64 (1 warp)", dict(decode, tile=fk.Tile(128, 16, 64, 1, 2, "sm80"))),
-            ("  tile m64 n32 s4", dict(decode, tile=fk.Tile(128, 64, 32, 4, 4, "sm80"))),
-            ("  tile m64 n64 s3", dict(decode, tile=fk.Tile(128, 64, 64, 4, 3, "sm80"))),
+            ("  tile m16 n64 (1 warp)", dict(decode, tile=tiles.Tile(128, 16, 64, 1, 2, "sm80"))),
+            ("  tile m64 n32 s4", dict(decode, tile=tiles.Tile(128, 64, 32, 4, 4, "sm80"))),
+            ("  tile m64 n64 s3", dict(decode, tile=tiles.Tile(128, 64, 64, 4, 3, "sm80"))),
             ("decode 1x32768", dict(B=1, q_len=1, ctx=32768)),
             ("  no split", dict(B=1, q_len=1, ctx=32768, splits=1))]
     print(f"{'case':36s} {'kernel':42s} {'S':>3s} {'ms':>8s} {'TFLOP/s':>8s} {'GB/s(KV)':>9s}")
@@ -687,6 +673,6 @@ if __name__ == "__main__":
 
 
 def test_flash_overlap_threshold_names_its_variable():
-    assert fk._overlap_threshold("0") == 0.0
+    assert policy._overlap_threshold("0") == 0.0
     with pytest.raises(ValueError, match="CUPY_PAGED_OVERLAP_MIN_US must be a number"):
-        fk._overlap_threshold("fast")
+        policy._overlap_threshold("fast")

@@ -106,25 +106,19 @@ def tallies(request):
 
 @pytest.fixture(scope="module")
 def split_counter():
-    """Counts flash launches whose plan split the keys (wraps launch_flash; nothing forced)."""
-    from cupy_paged.backends import _flash_kernels as fk
-    from cupy_paged.backends._launch import sm_count
+    """Counts flash calls whose plan split the keys (wraps the plan's forward step; nothing
+    forced)."""
+    from cupy_paged.backends._flash_kernels import ForwardStep
 
-    original, count = fk.launch_flash, collections.Counter()
+    original, count = ForwardStep.__call__, collections.Counter()
 
-    def counting(problem, q, *args, **kwargs):
-        result = original(problem, q, *args, **kwargs)
-        sm, num_splits = args[6], kwargs.get("num_splits")
-        if hasattr(fk, "launch_plan"):
-            plan = fk.launch_plan(problem, sm, q.device.id, num_splits)
-        else:
-            plan = fk._plan(problem, int(sm), sm_count(q.device.id), num_splits)
-        count["split"] += plan.splits > 1
-        return result
+    def counting(self, call):
+        count["split"] += self.splits > 1
+        return original(self, call)
 
-    fk.launch_flash = counting
+    ForwardStep.__call__ = counting
     yield count
-    fk.launch_flash = original
+    ForwardStep.__call__ = original
 
 
 def _device_inputs(cfg, example_seed):

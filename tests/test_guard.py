@@ -197,11 +197,10 @@ def test_guard_launch_scalars_pack_the_problem():
         num_blocks=2**40, max_blocks=8, packed=False, dtype="float16", scale=0.125,
         softcap=0.0, window=-1, do_rotary=True, rotary_interleaved=False, rotary_dim=64,
         cos_rows=100, max_seqlen_q=None, max_seqlen_k=2**70, total_kv_tokens=50)
-    grid, scalars = _guard._build_scalars(problem)
+    grid, packed = _guard._packed(problem)
     assert grid == (3,)  # 4 sequences per block
-    (packed,) = scalars                      # one struct passed by value
-    assert packed.shape == (1,) and packed.dtype == _guard.SCALARS.dtype
-    assert [int(packed[0][n]) for _, n in _guard.SCALARS.fields] == [
+    assert packed.shape == (1,) and packed.dtype == _guard.PARAMS.dtype  # one struct by value
+    assert [int(packed[0][n]) for _, n in _guard.PARAMS.scalars] == [
         10, 9, 32, 16, 2**31 - 1, 8, 100, -1, 2**63 - 1, 50]
-    assert [packed.dtype.fields[n][0].itemsize for _, n in _guard.SCALARS.fields] == [
+    assert [packed.dtype.fields[n][0].itemsize for _, n in _guard.PARAMS.scalars] == [
         8, 4, 8, 4, 4, 4, 8, 8, 8, 8]

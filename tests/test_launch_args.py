@@ -1,26 +1,27 @@
-"""The kernels' scalar parameter structs (backends/_launch.ScalarStruct): the NumPy mirror
-lays fields out as C does (natural alignment, tail padding), since NVRTC cannot check offsets
-itself (it static_asserts the size only); packing is checked for count and values. CPU only."""
+"""The kernels' parameter structs (backends/_params.py): each is parsed from its
+cuda_src/<kernel>/params.cuh definition into a NumPy mirror laid out as C does (natural
+alignment, tail padding), since NVRTC cannot check offsets itself (the generated entry
+static_asserts the size); packing is checked for names and values; the argument block and the
+plan's launches carry the struct. CPU only."""
 from __future__ import annotations
-
-import dataclasses
 
 import numpy as np
 import pytest
 
-from cupy_paged.backends import _flash_kernels, _guard, _prologue
-from cupy_paged.backends._launch import ScalarStruct
+from cupy_paged.backends import _flash_kernels, _gather, _guard, _mea_kernels, _prologue
+from cupy_paged.backends._params import ParamsStruct
 
 _SIZES = {"int": 4, "unsigned": 4, "float": 4, "long long": 8}
-STRUCTS = {"flash": _flash_kernels.FWD_SCALARS, "prologue": _prologue.SCALARS,
-           "guard": _guard.SCALARS}
+STRUCTS = {"flash": _flash_kernels.FWD_PARAMS, "combine": _flash_kernels.COMBINE_PARAMS,
+           "prologue": _prologue.PARAMS, "guard": _guard.PARAMS, "gather": _gather.PARAMS,
+           "mea": _mea_kernels.FMHA_PARAMS}
 
 
 def c_layout(fields):
     """(offsets, size) of a C struct of these fields: each at a multiple of its size."""
     offset, offsets, align = 0, [], 1
     for ctype, _ in fields:
-        size = _SIZES[ctype]
+        size = 8 if ctype.endswith("*") else _SIZES[ctype]
         offset = -(-offset // size) * size
         offsets.append(offset)
         offset += size
@@ -33,53 +34,51 @@ def test_numpy_mirror_has_c_layout(struct):
     offsets, size = c_layout(struct.fields)
     assert [struct.dtype.fields[n][1] for _, n in struct.fields] == offsets
     assert struct.dtype.itemsize == size
-    assert f"sizeof({struct.name}) == {size}" in struct.definition
+    assert f"sizeof({struct.cname}) == {size}" in struct.size_check
+    assert struct.pointers == tuple(n for c, n in struct.fields if c.endswith("*"))
+    assert struct.fields[:len(struct.pointers)] == tuple(
+        (c, n) for c, n in struct.fields if c.endswith("*"))   # pointers lead
 
 
-def test_pack_checks_the_count_and_keeps_values():
-    s = ScalarStruct("T", (("int", "a"), ("long long", "b"), ("float", "c")))
-    packed = s.pack(-3, 2**40, 0.5)
-    assert packed.shape == (1,) and s.dtype.itemsize == 24
+def test_pack_checks_the_names_and_keeps_values():
+    s = ParamsStruct("T", (("void*", "x"), ("int", "a"), ("long long", "b"), ("float", "c")))
+    packed = s.pack(a=-3, b=2**40, c=0.5)
+    assert packed.shape == (1,) and s.dtype.itemsize == 32
     assert (int(packed[0]["a"]), int(packed[0]["b"]), float(packed[0]["c"])) == (-3, 2**40, 0.5)
-    with pytest.raises(ValueError, match="T: 3 values expected, got 2"):
-        s.pack(1, 2)
-    assert np.asarray(packed).tobytes()[4:8] == b"\0\0\0\0"   # padding before the long long
+    with pytest.raises(ValueError, match=r"T: missing \['c'\], unknown \['d'\]"):
+        s.pack(a=1, b=2, d=3)
+    assert np.asarray(packed).tobytes()[12:16] == b"\0\0\0\0"   # padding before the long long
+    with pytest.raises(ValueError, match="pointer fields must come first"):
+        ParamsStruct("U", (("int", "a"), ("void*", "x")))
 
 
-def test_argument_block_points_at_each_value():
-    """cuLaunchKernel's parameter array: entry i points at parameter i's bytes; pointer slots
-    change with each fill, constants (scalars, structs) keep their bytes whatever is filled."""
+def test_argument_block_points_at_the_struct():
+    """cuLaunchKernel's parameter array: one entry, pointing at the struct's bytes; the
+    pointer fields change with each fill, the scalars keep their bytes whatever is filled."""
     import ctypes
 
-    from cupy_paged.backends._launch import POINTER, ArgumentBlock
+    from cupy_paged.backends._launch import ArgumentBlock
 
-    s = ScalarStruct("T", (("int", "a"), ("long long", "b"), ("float", "c")))
-    packed = s.pack(-3, 2**40, 0.5)
-    block = ArgumentBlock((POINTER, POINTER, packed, POINTER, np.int32(7), np.float32(2.5)))
+    s = ParamsStruct("T", (("void*", "x"), ("int*", "y"), ("float*", "z"), ("int", "a"),
+                           ("long long", "b"), ("float", "c")))
+    packed = s.pack(a=-3, b=2**40, c=0.5)
+    block = ArgumentBlock(packed, len(s.pointers))
     assert block.pointer_count == 3
     for pointers in ((1, 2**64 - 1, 0xDEADBEEF0), (0, 0, 0), (2**40 + 16, 2**63, 17)):
         block.fill(pointers)
-        assert [int.from_bytes(block.read(i, 8), "little") for i in (0, 1, 3)] == list(pointers)
-        assert block.read(2, s.dtype.itemsize) == packed.tobytes()
-        assert block.read(4, 4) == np.int32(7).tobytes()
-        assert block.read(5, 4) == np.float32(2.5).tobytes()
-    addresses = (ctypes.c_void_p * 6).from_address(block.params)
-    assert all(a % 8 == 0 for a in addresses)               # every value naturally aligned
+        raw = block.read(s.dtype.itemsize)
+        assert [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(3)] == \
+            list(pointers)
+        assert raw[24:] == packed.tobytes()[24:]
+    address = (ctypes.c_void_p * 1).from_address(block.params)[0]
+    assert address % 16 == 0                                  # the struct is 16-byte aligned
     with pytest.raises(struct_error()):
-        block.fill((1, 2))                                    # one pointer per slot
+        block.fill((1, 2))                                    # one pointer per field
 
 
 def struct_error():
     import struct
     return struct.error
-
-
-class _Recorder:
-    """Stands in for DirectLaunch: keeps the parameter list a launcher builds."""
-
-    def __init__(self, kernel, args, grid, block, shared_mem=0, programmatic=False):
-        self.args, self.grid, self.block = args, grid, block
-        self.programmatic = programmatic
 
 
 def _entry_parameters(code, name):
@@ -98,55 +97,59 @@ def _problem():
         cos_rows=100, max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None)
 
 
-@pytest.mark.parametrize("module", ["flash", "prologue", "guard"])
-def test_direct_launch_parameters_match_the_entry_point(module, monkeypatch):
-    """Each launcher's argument block has the generated entry point's parameters in order:
-    a POINTER slot for each pointer parameter, the packed scalar struct for the struct."""
-    from cupy_paged.backends._launch import POINTER
+@pytest.mark.parametrize("module", ["flash", "combine", "prologue", "guard", "gather", "mea"])
+def test_every_entry_point_takes_its_params_struct(module):
+    """Each generated entry has one parameter, its params struct by value, after the struct's
+    size check: the one way entries are generated."""
     from cupy_paged.jit import get_spec
 
     problem = _problem()
-    if module == "flash":
-        monkeypatch.setattr(_flash_kernels, "DirectLaunch", _Recorder)
-        monkeypatch.setattr(_flash_kernels, "_kernel", lambda *a: None)
-        monkeypatch.setattr(_flash_kernels, "programmatic_supported", lambda device: True)
-        plan = dataclasses.replace(_flash_kernels._plan(problem, 90, 132, 4), overlap=True)
-        launch, combine = _flash_kernels._direct_launches(0, plan, True)
-        # behind the prologue, on a GPU that can: both start programmatically
-        assert launch.programmatic and combine.programmatic
-        alone, _ = _flash_kernels._direct_launches(0, plan, False)
-        assert not alone.programmatic   # called without the prologue before it: launch order
-        _flash_kernels._launchers.clear()
-        name = plan.fwd
-        spec = _flash_kernels._register_fwd("float16", _flash_kernels.problem_tile(problem, 90))
-        struct = _flash_kernels.FWD_SCALARS
-        combine_params = _entry_parameters(get_spec(plan.combine).entry_code, plan.combine)
-        assert [a is POINTER for a in combine.args] == ["*" in p for p in combine_params]
-    elif module == "prologue":
-        monkeypatch.setattr(_prologue, "DirectLaunch", _Recorder)
-        monkeypatch.setattr(_prologue, "get_function", lambda *a, **k: None)
-        monkeypatch.setattr(_prologue, "grid_size", lambda items, device: 1)
-        monkeypatch.setattr(_prologue, "programmatic_supported", lambda device: True)
-        launch = _prologue._launcher(problem, 0, True)
-        assert launch.programmatic                                  # behind the guard
-        assert not _prologue._launcher(problem, 0, False).programmatic  # no guard before it
-        _prologue._launchers.clear()
-        name = spec = _prologue.prologue_name("float16")
-        struct = _prologue.SCALARS
-    else:
-        monkeypatch.setattr(_guard, "DirectLaunch", _Recorder)
-        monkeypatch.setattr(_guard, "_device", lambda device: (None, None))
-        launch, _ = _guard._launcher(problem, 0)
-        _guard._LAUNCHERS.clear()
-        name = spec = _guard.NAME
-        struct = _guard.SCALARS
-    params = _entry_parameters(get_spec(spec).entry_code, name)
-    assert len(launch.args) == len(params)
-    for arg, param in zip(launch.args, params):
-        if "*" in param:
-            assert arg is POINTER, param
-        else:
-            assert param.split()[-2] == struct.name and arg.dtype == struct.dtype, param
+    name = {"flash": lambda: _flash_kernels.variant_name(problem, 90),
+            "combine": lambda: _flash_kernels._register_combine("float16"),
+            "prologue": lambda: _prologue.prologue_name("float16"),
+            "guard": lambda: _guard.NAME,
+            "gather": lambda: _gather.gather_name("float16"),
+            "mea": lambda: _mea_kernels.variant_name("float16", 80, 128)}[module]()
+    struct = STRUCTS[module]
+    code = get_spec(name).entry_code
+    assert _entry_parameters(code, name) == [f"const {struct.cname} p"]
+    assert struct.size_check in code
+
+
+def test_the_plan_decides_programmatic_launches_once(monkeypatch):
+    """A flash plan made with programmatic launches on a GPU that can: the prologue, the
+    forward kernel and the combine start programmatically, the guard (first) never; without,
+    none does. Decided by the plan option, reported in its launches and details."""
+    import types
+
+    from cupy_paged.backends import _launch, flash
+    from cupy_paged.backends.plan import PlanOptions
+
+    fake_kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=1),
+                                        max_dynamic_shared_size_bytes=0)
+    monkeypatch.setattr(_launch, "_cuda", None)
+    for module in (_flash_kernels, _prologue):
+        monkeypatch.setattr(module, "get_function", lambda *a, **k: fake_kernel)
+    monkeypatch.setattr(_guard, "_device", lambda device: (fake_kernel, None))
+    monkeypatch.setattr(_prologue, "grid_size", lambda items, device: 1)
+    monkeypatch.setattr(_flash_kernels, "sm_count", lambda device: 132)
+    monkeypatch.setattr(flash, "programmatic_supported", lambda device: True)
+    monkeypatch.setitem(__import__("sys").modules, "cupy.cuda", types.SimpleNamespace())
+    monkeypatch.setattr("cupy_paged.backends._launch.DirectLaunch.__init__",
+                        _recording_init, raising=True)
+    problem = _problem()
+    on = flash.make_plan(problem, 0, 90, PlanOptions(programmatic=True, num_splits=4), "test")
+    assert [launch.programmatic for launch in on.launches] == [False, True, True, True]
+    assert [step.launch.programmatic for step in on.steps[:2]] == [False, True]
+    assert on.steps[2].forward.programmatic and on.steps[2].combine.programmatic
+    assert on.details["programmatic"] and on.details["num_splits"] == 4
+    off = flash.make_plan(problem, 0, 90, PlanOptions(programmatic=False, num_splits=4), "t")
+    assert not any(launch.programmatic for launch in off.launches)
+
+
+def _recording_init(self, kernel, params, packed, grid, block, shared_mem=0,
+                    programmatic=False):
+    self._ex = programmatic or None     # what DirectLaunch.programmatic reports
 
 
 def test_direct_launch_calls_the_driver_with_its_block(monkeypatch):
@@ -165,8 +168,8 @@ def test_direct_launch_calls_the_driver_with_its_block(monkeypatch):
 
     def ctypes_read(params, index):
         import ctypes
-        address = (ctypes.c_void_p * 3).from_address(params)[index]
-        return ctypes.string_at(address, 8)
+        address = (ctypes.c_void_p * 1).from_address(params)[0]
+        return ctypes.string_at(address + 8 * index, 8)
 
     fake = types.SimpleNamespace(
         driver=types.SimpleNamespace(launchKernel=launch_kernel),
@@ -175,8 +178,9 @@ def test_direct_launch_calls_the_driver_with_its_block(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "cupy", types.SimpleNamespace(cuda=fake))
     monkeypatch.setitem(__import__("sys").modules, "cupy.cuda", fake)
     kernel = types.SimpleNamespace(kernel=types.SimpleNamespace(ptr=4242))
-    launch = _launch.DirectLaunch(kernel, (_launch.POINTER, _launch.POINTER, np.int32(5)),
-                                  (7,), (128,), shared_mem=1024)
+    params = ParamsStruct("T", (("void*", "x"), ("void*", "y"), ("int", "n")))
+    launch = _launch.DirectLaunch(kernel, params, params.pack(n=5), (7,), (128,),
+                                  shared_mem=1024)
     launch(0x1000, 0x2000)
     launch(0x3000, 0, stream=99)
     assert calls == [(4242, (7, 1, 1), (128, 1, 1), 1024, 777, [0x1000, 0x2000], 0),

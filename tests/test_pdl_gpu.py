@@ -1,7 +1,7 @@
-"""The flash backend with programmatic launches forced on for every call (the threshold
-``_flash_kernels.OVERLAP_MIN_GPU_US`` at 0): the guard, prologue, forward kernel and combine
-then start behind one another on sm90+ (cuda_src/common/pdl.cuh), which the default threshold
-keeps for large calls only. On older GPUs the same calls run with plain launches."""
+"""The flash backend with programmatic launches forced on for every call (the plan option
+``PlanOptions(programmatic=True)``): the prologue, forward kernel and combine then start behind
+one another on sm90+ (cuda_src/common/pdl.cuh), which the default threshold keeps for large
+calls only. On older GPUs the same calls run with plain launches."""
 import zlib
 
 import numpy as np
@@ -15,28 +15,30 @@ except ImportError:
     from test_backends_gpu import EDGE_CASES, _matrix
 
 
-@pytest.fixture
-def overlap_always(monkeypatch):
-    from cupy_paged.backends import _flash_kernels as fk
+def _always():
+    from cupy_paged import PlanOptions
 
-    monkeypatch.setattr(fk, "OVERLAP_MIN_GPU_US", 0.0)
-    fk._plan.cache_clear()
-    fk._last_plan[0] = None
-    yield fk
-    fk._plan.cache_clear()
-    fk._last_plan[0] = None
+    return PlanOptions(programmatic=True)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", _matrix()[::3] + EDGE_CASES, ids=lambda c: c.name)
-def test_flash_with_programmatic_launches_matches_reference(case, overlap_always):
+def test_flash_with_programmatic_launches_matches_reference(case):
+    import cupy
+
+    from cupy_paged import backends
+    from cupy_paged.backends._launch import programmatic_supported
+
     rng = np.random.default_rng(zlib.crc32(f"pdl-{case.name}".encode()))
-    check_backend(case, rng, "flash", "float16")
-    assert overlap_always._last_plan[0][1].overlap
+    check_backend(case, rng, "flash", "float16", options=_always())
+    device = cupy.cuda.Device().id
+    plans = [p for _, p in backends._PLANS.values() if p.options == _always()]
+    assert plans and all(p.details["programmatic"] == programmatic_supported(device)
+                         for p in plans)
 
 
 @pytest.mark.gpu
-def test_decode_steps_with_programmatic_launches_see_each_others_keys(overlap_always):
+def test_decode_steps_with_programmatic_launches_see_each_others_keys():
     """Call i + 1 reads the keys call i wrote (a decode loop): with programmatic launches the
     next call's guard still starts only after the previous call's last kernel completes."""
     import cupy
@@ -59,7 +61,8 @@ def test_decode_steps_with_programmatic_launches_see_each_others_keys(overlap_al
         past = cupy.full(B, past0 + i, dtype=cupy.int32)
         outs.append(cupy_paged.paged_attention(
             cupy.asarray(q[i]), cupy.asarray(k[i]), cupy.asarray(v[i]), d_kc, d_vc, d_cum,
-            past, d_table, num_heads=N, kv_num_heads=Nkv, backend="flash"))
+            past, d_table, num_heads=N, kv_num_heads=Nkv, backend="flash",
+            options=_always()))
     ref_kc, ref_vc = kc.astype(np.float32), vc.astype(np.float32)
     for i in range(steps):
         ref = cupy_paged.paged_attention(

@@ -55,16 +55,16 @@ def test_runs_on_torchs_current_stream(monkeypatch):
     import cupy
 
     import cupy_paged
-    from cupy_paged.backends import _flash_kernels
+    from cupy_paged.backends._flash_kernels import ForwardStep
 
     seen = []
-    launch = _flash_kernels.launch_flash
+    launch = ForwardStep.__call__
 
     def recording_launch(*a, **k):
         seen.append(cupy.cuda.get_current_stream().ptr)
         return launch(*a, **k)
 
-    monkeypatch.setattr(_flash_kernels, "launch_flash", recording_launch)
+    monkeypatch.setattr(ForwardStep, "__call__", recording_launch)
     args, kw = _inputs(torch, torch.float16, seed=3)
     expected = cupy_paged.paged_attention(*[a.clone() for a in args], **kw, backend="flash")
     side = torch.cuda.Stream()

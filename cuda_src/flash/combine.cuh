@@ -4,6 +4,7 @@
 #include "common/pdl.cuh"
 #include "flash/mma.cuh"
 #include "flash/online_softmax.cuh"
+#include "flash/params.cuh"
 
 namespace cupy_paged {
 namespace flash {
@@ -15,10 +16,12 @@ namespace flash {
 // a row of a faulted sequence has NaN partial sums (written by the forward kernel) and gets NaN.
 // Launched programmatically after the forward kernel (common/pdl.cuh): waits for it first.
 template <typename T>
-__device__ __forceinline__ void combine(const float* __restrict__ partial_o,
-                                        const float* __restrict__ partial_lse, T* __restrict__ out,
-                                        int rows, int head_size, int num_splits,
-                                        const int* __restrict__ fault, int batch) {
+__device__ __forceinline__ void combine(const CombineParams& p) {
+  const float* __restrict__ partial_o = p.partial_o;
+  const float* __restrict__ partial_lse = p.partial_lse;
+  T* __restrict__ out = static_cast<T*>(p.out);
+  const int* __restrict__ fault = p.fault;
+  const int rows = p.rows, head_size = p.head_size, num_splits = p.num_splits, batch = p.batch;
   pdl::wait();  // the partial sums are the forward kernel's
   if (fault != nullptr && fault[batch] != 0) return;
   const int quads = head_size / 4;

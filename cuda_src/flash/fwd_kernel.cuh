@@ -7,30 +7,11 @@
 #include "flash/mma.cuh"
 #include "flash/online_softmax.cuh"
 #include "flash/paged_tiles.cuh"
+#include "flash/params.cuh"
 #include "flash/traits.cuh"
 
 namespace cupy_paged {
 namespace flash {
-
-struct FwdParams {
-  const void* q;            // (T, N*H), rotated
-  const void* key_cache;    // (num_blocks, block_size, Nkv, H)
-  const void* value_cache;  // (num_blocks, block_size, Nkv, H)
-  const int* cum;           // (B+1,)
-  const int* past;          // (B,)
-  const int* block_table;   // (B, max_blocks), -1 = unmapped
-  void* out;                // (T, N*H), written when num_splits == 1
-  float* partial_o;         // (num_splits, T*N, H), normalised per split (num_splits > 1)
-  float* partial_lse;       // (num_splits, T*N), log2 of each split's row sum (-inf: no key)
-  int num_tokens, batch, num_heads, kv_heads, head_size, group;
-  BlockDiv blocks;
-  int num_blocks, max_blocks;
-  float scale_log2;         // scale * log2(e) (softcap off)
-  float cap_in, cap_out;    // scale / c and c * log2(e); cap_in = 0: softcap off
-  int window;               // <= 0: off
-  int num_splits;
-  const int* fault;         // null, or the metadata guard's (B+1,) flags (backends/_guard.py)
-};
 
 // Sequence b owns grid tiles [first_tile(b), first_tile(b + 1)), first_tile(b) = ceil(cum[b] G /
 // BM) + b: strictly increasing, ceil(cum[B] G / BM) + B in all, and at least the
@@ -142,7 +123,7 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   seq.kv_len = past + q_len;
   seq.max_blocks = p.max_blocks;
   seq.num_blocks = p.num_blocks;
-  seq.blocks = p.blocks;
+  seq.blocks = BlockDiv{p.block_size, p.block_shift, p.block_magic, p.block_magic_shift};
 
   // Key side data of the tile bound for stage st (Layout::offsets, Layout::flags): row r's
   // byte offset in the cache, and its loadable flag (padded rows keep them in the V and K row
@@ -378,22 +359,6 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
         if ((lane & 3) == 0) p.partial_lse[ridx] = seen ? m[mf][h] + __log2f(l[mf][h]) : neg_inf();
       }
   }
-}
-
-// The generated extern "C" entries forward their arguments here: the pointers, then the
-// scalars as one struct passed by value (S = the entry's generated FwdScalars, whose fields
-// _flash_kernels.FWD_SCALARS lists), then the guard's flags.
-template <class Tr, class S>
-__device__ __forceinline__ void fwd_entry(
-    const void* q, const void* key_cache, const void* value_cache, const int* cum,
-    const int* past, const int* block_table, void* out, float* partial_o, float* partial_lse,
-    const S& s, const int* fault) {
-  FwdParams p{q, key_cache, value_cache, cum, past, block_table, out, partial_o, partial_lse,
-              s.num_tokens, s.batch, s.num_heads, s.kv_heads, s.head_size, s.group,
-              BlockDiv{s.block_size, s.block_shift, s.block_magic, s.block_magic_shift},
-              s.num_blocks, s.max_blocks, s.scale_log2, s.cap_in, s.cap_out, s.window,
-              s.num_splits, fault};
-  fwd<Tr>(p);
 }
 
 }  // namespace flash

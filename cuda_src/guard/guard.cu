@@ -5,6 +5,7 @@
 #pragma once
 #include "common/pdl.cuh"
 #include "guard/fault_codes.cuh"
+#include "guard/params.cuh"
 
 namespace cupy_paged {
 namespace guard {
@@ -72,13 +73,19 @@ __device__ __forceinline__ int first_bad_column(const int* row, int cols, int nu
 // become NaN. scratch: this stream's kScratchSize state; word: this device's error word.
 // cos_rows, max_seqlen_q, max_seqlen_k, total_kv_tokens: < 0 when off (no rotary, no hint).
 // 64-bit arithmetic throughout: past + q_len, block_table offsets and row chunks never wrap.
-__device__ __forceinline__ void run(const int* __restrict__ cum, const int* __restrict__ past,
-                                    const int* __restrict__ block_table, int* __restrict__ fault,
-                                    uint4* __restrict__ out, unsigned long long* scratch,
-                                    unsigned long long* word, long long num_tokens, int batch,
-                                    long long row_chunks, int block_size, int num_blocks,
-                                    int max_blocks, long long cos_rows, long long max_seqlen_q,
-                                    long long max_seqlen_k, long long total_kv_tokens) {
+__device__ __forceinline__ void run(const GuardParams& p) {
+  const int* __restrict__ cum = p.cum;
+  const int* __restrict__ past = p.past;
+  const int* __restrict__ block_table = p.block_table;
+  int* __restrict__ fault = p.fault;
+  uint4* __restrict__ out = static_cast<uint4*>(p.out);
+  unsigned long long* scratch = p.scratch;
+  unsigned long long* word = p.word;
+  const long long num_tokens = p.num_tokens, row_chunks = p.row_chunks, cos_rows = p.cos_rows;
+  const int batch = p.batch, block_size = p.block_size, num_blocks = p.num_blocks,
+            max_blocks = p.max_blocks;
+  const long long max_seqlen_q = p.max_seqlen_q, max_seqlen_k = p.max_seqlen_k,
+                  total_kv_tokens = p.total_kv_tokens;
   __shared__ int s_last;
   __shared__ int s_batch_bits;
   // The prologue (launched programmatically) may start now: until its wait it reads only the

@@ -1,8 +1,11 @@
 // Entry points of the paged fMHA ("mea" backend). cupy_paged/backends/_mea_kernels.py generates
-// one CUPY_PAGED_MEA_ENTRY line per instantiation after this file; each defines a plain-argument
-// extern "C" kernel (CuPy cannot pass structs) and its launch facts as a readable global.
+// one extern "C" entry per instantiation after this file, taking mea/params.cuh's FmhaParams by
+// value and calling paged_fmha, and its launch facts as a readable global.
+// "aligned" (every instantiation): every row start 16-byte aligned, H % 8 == 0 and 16-byte
+// aligned bases.
 #include "guard/fault_codes.cuh"
 #include "mea/fmha_paged.cuh"
+#include "mea/params.cuh"
 
 namespace cupy_paged {
 namespace mea {
@@ -23,37 +26,22 @@ __device__ __forceinline__ bool sequence_runs(const int* fault, const int* cu_q,
          k1 - k0 <= static_cast<long long>(max_blocks) * block_size;
 }
 
+// The body of every entry (cupy_paged/backends/_mea_kernels.py generates them): Fmha is a
+// PagedFmha<AttentionKernel<...>> instantiation, launched on grid (ceil(max_seqlen_q / kQ),
+// num_heads, batch) with blocks of (32, kThreads / 32, 1) and kSmemBytes of dynamic shared
+// memory, which the entry's NAME_launch_info global holds for the host.
+template <class Fmha>
+__device__ __forceinline__ void paged_fmha(const FmhaParams& p) {
+  using S = typename Fmha::scalar_t;
+  if (!sequence_runs(p.fault, p.cu_q, p.cu_k, p.max_blocks, p.block_size, p.num_tokens,
+                     p.kv_rows)) {
+    return;
+  }
+  Fmha::run({static_cast<const S*>(p.q), p.q_row_stride, static_cast<const S*>(p.k_packed),
+             static_cast<const S*>(p.v_packed), static_cast<S*>(p.out), p.out_accum, p.cu_q,
+             p.cu_k, p.block_table, p.max_blocks, p.block_size, p.num_heads, p.kv_num_heads,
+             p.head_size, p.scale, p.softcap, p.window});
+}
+
 }  // namespace mea
 }  // namespace cupy_paged
-
-// CUPY_PAGED_MEA_ENTRY(NAME, SCALAR, ARCH, QUERIES, KEYS, MAX_K) instantiates
-// PagedFmha<AttentionKernel<SCALAR, cutlass::arch::ARCH, aligned, QUERIES, KEYS, MAX_K,
-// no dropout, no bias>> and defines
-//   extern "C" __device__ int NAME_launch_info[2] = {dynamic smem bytes, threads per block}
-//     (read once per device with RawModule.get_global; blocks are (32, threads / 32, 1))
-//   extern "C" __global__ void NAME(q, q_row_stride, k_packed, v_packed, out, out_accum, cu_q,
-//     cu_k, block_table, fault, max_blocks, block_size, num_heads, kv_num_heads, head_size,
-//     scale, softcap, window, num_tokens, kv_rows)  on grid (ceil(max_seqlen_q / QUERIES),
-//     num_heads, batch); fault may be nullptr, num_tokens / kv_rows are the rows of q and out /
-//     of k_packed and v_packed.
-// "aligned" needs every row start 16-byte aligned: H % 8 == 0 and 16-byte aligned bases.
-#define CUPY_PAGED_MEA_ENTRY(NAME, SCALAR, ARCH, QUERIES, KEYS, MAX_K)                          \
-  using NAME##_fmha = cupy_paged::mea::PagedFmha<                                              \
-      AttentionKernel<SCALAR, cutlass::arch::ARCH, true, QUERIES, KEYS, MAX_K, false, false>>; \
-  extern "C" __device__ int NAME##_launch_info[2] = {NAME##_fmha::kSmemBytes,                  \
-                                                     NAME##_fmha::kThreads};                   \
-  extern "C" __global__ void __launch_bounds__(NAME##_fmha::kThreads,                          \
-                                               NAME##_fmha::kMinBlocksPerSm)                   \
-      NAME(const SCALAR* q, long long q_row_stride, const SCALAR* k_packed,                    \
-           const SCALAR* v_packed, SCALAR* out, float* out_accum, const int* cu_q,             \
-           const int* cu_k, const int* block_table, const int* fault, int max_blocks,          \
-           int block_size, int num_heads, int kv_num_heads, int head_size, float scale,        \
-           float softcap, int window, long long num_tokens, long long kv_rows) {               \
-    if (!cupy_paged::mea::sequence_runs(fault, cu_q, cu_k, max_blocks, block_size,             \
-                                        num_tokens, kv_rows)) {                                \
-      return;                                                                                  \
-    }                                                                                          \
-    NAME##_fmha::run({q, q_row_stride, k_packed, v_packed, out, out_accum, cu_q, cu_k,         \
-                      block_table, max_blocks, block_size, num_heads, kv_num_heads,            \
-                      head_size, scale, softcap, window});                                     \
-  }

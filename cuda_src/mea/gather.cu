@@ -6,6 +6,7 @@
 #include "common/paged_kv.cuh"
 #include "common/seq_lookup.cuh"
 #include "guard/fault_codes.cuh"
+#include "mea/params.cuh"
 
 namespace cupy_paged {
 namespace mea {
@@ -23,14 +24,17 @@ namespace mea {
 // fault[B] != 0, and rows of a sequence with fault[b] != 0 are left as they are.
 // k_packed, v_packed: (rows_bound, Nkv, H); rows >= seqstart_k[B] are left as they are.
 template <typename T>
-__device__ __forceinline__ void gather_kv(const T* __restrict__ key_cache,
-                                          const T* __restrict__ value_cache,
-                                          const int* __restrict__ block_table,
-                                          const int* __restrict__ seqstart_k,
-                                          const int* __restrict__ fault,
-                                          T* __restrict__ k_packed, T* __restrict__ v_packed,
-                                          int batch, int kv_heads, int head_size, int block_size,
-                                          int num_blocks, int max_blocks, int rows_bound) {
+__device__ __forceinline__ void gather_kv(const GatherParams& p) {
+  const T* __restrict__ key_cache = static_cast<const T*>(p.key_cache);
+  const T* __restrict__ value_cache = static_cast<const T*>(p.value_cache);
+  const int* __restrict__ block_table = p.block_table;
+  const int* __restrict__ seqstart_k = p.seqstart_k;
+  const int* __restrict__ fault = p.fault;
+  T* __restrict__ k_packed = static_cast<T*>(p.k_packed);
+  T* __restrict__ v_packed = static_cast<T*>(p.v_packed);
+  const int batch = p.batch, kv_heads = p.kv_heads, head_size = p.head_size,
+            block_size = p.block_size, num_blocks = p.num_blocks, max_blocks = p.max_blocks,
+            rows_bound = p.rows_bound;
   if (batch <= 0 || guard::batch_faulted(fault, batch)) return;
   const PagedKV<const T> kv{key_cache, value_cache, block_table, num_blocks, block_size,
                             kv_heads, head_size, max_blocks};

@@ -8,6 +8,7 @@
 #include "common/rotary.cuh"
 #include "common/seq_lookup.cuh"
 #include "guard/fault_codes.cuh"
+#include "prologue/params.cuh"
 
 namespace cupy_paged {
 namespace prologue {
@@ -41,15 +42,24 @@ namespace prologue {
 constexpr int kTokens = 4;
 
 template <typename T>
-__device__ __forceinline__ void run(
-    const T* __restrict__ query, const T* __restrict__ key, const T* __restrict__ value,
-    T* __restrict__ key_cache, T* __restrict__ value_cache, const int* __restrict__ cum,
-    const int* __restrict__ past, const int* __restrict__ block_table,
-    const int* __restrict__ fault, const T* __restrict__ cos_cache,
-    const T* __restrict__ sin_cache, T* __restrict__ q_out,
-    int num_tokens, int batch, int num_heads, int kv_heads, int head_size, int block_size,
-    int num_blocks, int max_blocks, int rotary_dim, int cos_rows, int packed, int do_rotary,
-    int interleaved, int write_q) {
+__device__ __forceinline__ void run(const PrologueParams& p) {
+  const T* __restrict__ query = static_cast<const T*>(p.query);
+  const T* __restrict__ key = static_cast<const T*>(p.key);
+  const T* __restrict__ value = static_cast<const T*>(p.value);
+  T* __restrict__ key_cache = static_cast<T*>(p.key_cache);
+  T* __restrict__ value_cache = static_cast<T*>(p.value_cache);
+  const int* __restrict__ cum = p.cum;
+  const int* __restrict__ past = p.past;
+  const int* __restrict__ block_table = p.block_table;
+  const int* __restrict__ fault = p.fault;
+  const T* __restrict__ cos_cache = static_cast<const T*>(p.cos_cache);
+  const T* __restrict__ sin_cache = static_cast<const T*>(p.sin_cache);
+  T* __restrict__ q_out = static_cast<T*>(p.q_out);
+  const int num_tokens = p.num_tokens, batch = p.batch, num_heads = p.num_heads,
+            kv_heads = p.kv_heads, head_size = p.head_size, block_size = p.block_size,
+            num_blocks = p.num_blocks, max_blocks = p.max_blocks, rotary_dim = p.rotary_dim,
+            cos_rows = p.cos_rows, packed = p.packed, do_rotary = p.do_rotary,
+            interleaved = p.interleaved, write_q = p.write_q;
   if (batch <= 0) {
     pdl::wait();
     return;

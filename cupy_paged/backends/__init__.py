@@ -3,6 +3,7 @@
 "auto" on GPU arrays tries flash (sm80+) then mea; on NumPy arrays it is the reference.
 A backend asked for by name runs or raises ``UnsupportedError`` with its reasons; "auto"
 raises one error carrying every candidate's reasons. ``CUPY_PAGED_BACKEND`` overrides "auto".
+``plan_for`` makes (once) and returns the ``Plan`` of a call.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 
 from ..errors import UnsupportedError
 from . import flash, mea, reference
+from .plan import DEFAULT_OPTIONS, Plan, PlanOptions  # noqa: F401
 
 BACKENDS = {
     "flash": flash.BACKEND,
@@ -33,35 +35,52 @@ def check_backend_name(backend):
     return backend
 
 
-_CHOSEN: dict = {}  # (requested, id(problem), kind, sm) -> (problem, Backend)
-_CHOSEN_MAX = 1024
+# The one cache of plans: (requested, id(problem), kind, device, options) -> (problem, Plan).
+# _validate hands the same Problem object to every call of one signature, so a decode loop
+# finds its plan by identity; the entry holds the object, so its id is never reused while
+# cached.
+_PLANS: dict = {}
+_PLANS_MAX = 1024
+
+
+def plan_for(requested, problem, kind, device, sm, options=DEFAULT_OPTIONS):
+    """The cached ``Plan`` of ``problem``: made once per (requested backend, problem, array
+    kind, device, options); ``UnsupportedError`` listing why no backend can run it.
+
+    requested: a name from ``NAMES``; kind: "numpy" or "cupy"; device: GPU id (None on the
+    host); sm: its compute capability as an int (e.g. 90), None on the host.
+    """
+    key = (requested, id(problem), kind, device,
+           None if options is DEFAULT_OPTIONS else options)  # the default: no hashing
+    held = _PLANS.get(key)
+    if held is not None and held[0] is problem:
+        return held[1]
+    backend, reason = _choose(requested, problem, kind, sm)
+    plan = backend.make_plan(problem, device, sm, options, reason)
+    if len(_PLANS) >= _PLANS_MAX:
+        _PLANS.clear()
+    _PLANS[key] = (problem, plan)
+    return plan
 
 
 def choose_backend(requested, problem, kind, sm):
-    """The Backend to run ``problem`` on; ``UnsupportedError`` listing why none can.
-
-    requested: a name from ``NAMES``; kind: "numpy" or "cupy"; sm: compute capability as an
-    int on the GPU (e.g. 90), None on the host. The choice is kept per Problem object
-    (_validate hands the same object to every call of one signature).
-    """
-    key = (requested, id(problem), kind, sm)
-    held = _CHOSEN.get(key)
-    if held is not None and held[0] is problem:
-        return held[1]
-    chosen = _choose(requested, problem, kind, sm)
-    if len(_CHOSEN) >= _CHOSEN_MAX:
-        _CHOSEN.clear()
-    _CHOSEN[key] = (problem, chosen)
-    return chosen
+    """The Backend "auto" (or the name) picks for ``problem``; ``UnsupportedError`` listing
+    why none can. kind: "numpy" or "cupy"; sm: compute capability (None on the host)."""
+    return _choose(requested, problem, kind, sm)[0]
 
 
 def _choose(requested, problem, kind, sm):
+    """(Backend, why it runs this call)."""
     candidates = AUTO_ORDER[kind] if requested == "auto" else (requested,)
     reasons = []
     for name in candidates:
         why = BACKENDS[name].capabilities.reasons(problem, kind, sm)
         if not why:
-            return BACKENDS[name]
+            if requested != "auto":
+                return BACKENDS[name], f"{name}: asked for by name"
+            skipped = "".join(f"; {r}" for r in reasons)
+            return BACKENDS[name], (f"{name}: the first of {', '.join(candidates)} that "
+                                    f"runs this call{skipped}")
         reasons.append(f"{name}: {'; '.join(why)}")
     where = f"sm{sm}" if sm is not None else "the host (NumPy arrays)"
     raise UnsupportedError(

@@ -1,6 +1,6 @@
 """Flash backend tiles: the instantiated head sizes, the ``Tile`` of one instantiation (rows,
-keys, warps, stages, key split, shared-memory row layout) and the heuristic that picks one per
-head size, rows per sequence and tile class (``tile_for``). Pure Python; the kernel side is
+keys, warps, stages, key split, shared-memory row layout), the heuristic that picks one per
+head size, rows per sequence and tile class (``tile_for``), and the arch facts it needs. Pure Python; the kernel side is
 ``cuda_src/flash/traits.cuh`` and ``smem_layout.cuh``, which ``Tile.smem_bytes`` mirrors.
 """
 from __future__ import annotations
@@ -14,6 +14,9 @@ SWIZZLE_HEADS = (64, 128, 256)
 # Opt-in dynamic shared memory per block (bytes) of each tile class (cuda_src/flash/traits.cuh).
 SMEM_LIMIT = {"sm80": 166912, "sm86": 101376}
 _SMALL_SMEM_SMS = frozenset({86, 89, 120, 121})  # ~100 KB per block: the sm86 tile class
+# Shared memory per SM (bytes), for the occupancy estimate of the split heuristic.
+_SMEM_PER_SM = {80: 167936, 86: 102400, 87: 167936, 89: 102400, 90: 233472, 100: 233472,
+                103: 233472, 120: 102400, 121: 102400}
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,11 @@ class Tile:
 def arch_class(sm):
     """The tile class of compute capability ``sm`` (e.g. 90): "sm86" for ~100 KB parts."""
     return "sm86" if int(sm) in _SMALL_SMEM_SMS else "sm80"
+
+
+def smem_per_sm(sm):
+    """Shared memory per SM (bytes) of compute capability ``sm`` (100 KB when unknown)."""
+    return _SMEM_PER_SM.get(int(sm), 102400)
 
 
 def padded_head(head_size):

@@ -8,18 +8,18 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
 from ..jit import get_function
-from ._launch import NULL, THREADS, check_aligned, grid_size, register_per_dtype, variant
+from ._launch import (
+    THREADS,
+    DirectLaunch,
+    check_aligned,
+    grid_size,
+    pointer,
+    register_per_dtype,
+    variant,
+)
+from ._params import params_struct
 
-_GATHER_ARGS = (
-    "const {T}* key_cache, const {T}* value_cache, const int* block_table, "
-    "const int* seqstart_k, const int* fault, {T}* k_packed, {T}* v_packed, int batch, "
-    "int kv_num_heads, int head_size, int block_size, int num_blocks, int max_blocks, "
-    "int rows_bound")
-_GATHER_CALL = ("key_cache, value_cache, block_table, seqstart_k, fault, k_packed, v_packed, "
-                "batch, kv_num_heads, head_size, block_size, num_blocks, max_blocks, rows_bound")
 _INT32_MAX = 2**31 - 1
 
 
@@ -28,8 +28,9 @@ def gather_name(dtype):
     return variant("gather_kv", dtype)
 
 
-SPECS = register_per_dtype("gather_kv", "mea/gather.cu", _GATHER_ARGS,
-                           f"cupy_paged::mea::gather_kv<{{T}}>({_GATHER_CALL});")
+PARAMS = params_struct("mea/params.cuh", "cupy_paged::mea::GatherParams")
+SPECS = register_per_dtype("gather_kv", "mea/gather.cu", PARAMS,
+                           "cupy_paged::mea::gather_kv<{T}>(p);")
 
 
 def kv_seqstarts(problem, cum, past, fault=None):
@@ -89,11 +90,19 @@ def gather_kv(problem, a, seqstart_k, rows_bound, fault=None):
     if rows_bound == 0 or problem.batch == 0:
         return k_packed, v_packed
     check_aligned(key_cache=key_cache, value_cache=value_cache)
-    kernel = get_function(gather_name(problem.dtype))
-    kernel((grid_size(rows_bound * Nkv * (H // 8)),), (THREADS,), (
-        key_cache, value_cache, a["block_table"], seqstart_k, NULL if fault is None else fault,
-        k_packed, v_packed,
-        np.int32(problem.batch), np.int32(Nkv), np.int32(H), np.int32(problem.block_size),
-        np.int32(problem.num_blocks), np.int32(problem.max_blocks),
-        np.int32(min(rows_bound, _INT32_MAX))))
+    launch = gather_launch(problem, key_cache.data.device_id, rows_bound)
+    launch(key_cache.data.ptr, value_cache.data.ptr, a["block_table"].data.ptr,
+           seqstart_k.data.ptr, pointer(fault), k_packed.data.ptr, v_packed.data.ptr)
     return k_packed, v_packed
+
+
+def gather_launch(problem, device, rows_bound):
+    """The gather's DirectLaunch for ``problem`` on ``device``, its grid sized for
+    ``rows_bound`` rows."""
+    Nkv, H = problem.kv_num_heads, problem.head_size
+    packed = PARAMS.pack(batch=problem.batch, kv_heads=Nkv, head_size=H,
+                         block_size=problem.block_size, num_blocks=problem.num_blocks,
+                         max_blocks=problem.max_blocks,
+                         rows_bound=min(rows_bound, _INT32_MAX))
+    return DirectLaunch(get_function(gather_name(problem.dtype), device=device), PARAMS, packed,
+                        (grid_size(rows_bound * Nkv * (H // 8), device),), (THREADS,))

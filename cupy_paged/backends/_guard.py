@@ -21,7 +21,9 @@ import numpy as np
 
 from ..errors import MetadataError
 from ..jit import KernelSpec, get_function, register
-from ._launch import POINTER, DirectLaunch, ScalarStruct, check_aligned
+from ._launch import DirectLaunch, check_aligned
+from ._params import entry_point, params_struct
+from .plan import Launch
 
 # Fault bits, bit k = rank k in _validate.check_metadata's order.
 FAULT_CUM_START = 1 << 0       # cumulative_sequence_length[0] != 0 (batch)
@@ -52,23 +54,11 @@ MAX_GRID = 32768               # blocks; warps walk further sequences grid-strid
 _INT32_MAX = 2**31 - 1
 _INT64_MAX = 2**63 - 1
 
-# Scalars travel as one struct passed by value (``_launch.ScalarStruct``), packed once per
-# problem and device into the launch's argument block by ``_launcher``.
-SCALARS = ScalarStruct("GuardScalars", (
-    ("long long", "num_tokens"), ("int", "batch"), ("long long", "row_chunks"),
-    ("int", "block_size"), ("int", "num_blocks"), ("int", "max_blocks"),
-    ("long long", "cos_rows"), ("long long", "max_seqlen_q"), ("long long", "max_seqlen_k"),
-    ("long long", "total_kv_tokens")))
-_ARGS = ("const int* cum, const int* past, const int* block_table, int* fault, uint4* out, "
-         "unsigned long long* scratch, unsigned long long* word, const GuardScalars s")
-_CALL = ("cum, past, block_table, fault, out, scratch, word, "
-         + ", ".join(f"s.{n}" for _, n in SCALARS.fields))
+PARAMS = params_struct("guard/params.cuh", "cupy_paged::guard::GuardParams")
 SPEC = register(KernelSpec(
     NAME, "guard/guard.cu",
-    SCALARS.definition +
     f"static_assert(cupy_paged::guard::kThreads == {THREADS}, \"_guard.THREADS\");\n"
-    f'extern "C" __global__ void __launch_bounds__({THREADS})\n'
-    f"{NAME}({_ARGS}) {{\n  cupy_paged::guard::run({_CALL});\n}}\n"))
+    + entry_point(NAME, PARAMS, "cupy_paged::guard::run(p);", THREADS)))
 
 
 class _StreamBuffers:
@@ -85,32 +75,51 @@ _words: dict = {}      # device id -> uint64 error word
 _retired: list = []    # outgrown fault arrays: a captured graph may still point into them
 
 
-def run_guard(problem, a, out):
-    """Check the metadata on the device; returns the int32 (B+1,) fault array.
+class GuardStep:
+    """The metadata guard as a plan step (the first launch of every GPU plan): sets
+    ``call.fault`` to the int32 (B+1,) verdict and NaNs the faulted rows of ``call.out``."""
 
-    problem: the call's ``_validate.Problem`` (T > 0); a: the CuPy arrays by argument name
-    (cumulative_sequence_length, past_seqlens, block_table are read); out: the (T, N*H)
-    16-bit output, whose faulted rows become NaN. Launches one kernel on the current stream;
-    never synchronises. The array stays valid until the next guard on this stream.
-    """
+    def __init__(self, problem, device):
+        kernel, self.word = _device(device)
+        grid, packed = _packed(problem)
+        self.batch = problem.batch
+        self.launch = DirectLaunch(kernel, PARAMS, packed, grid, (THREADS,))
+        self.facts = Launch(NAME, grid, (THREADS, 1, 1))
+
+    def __call__(self, call):
+        call.fault = self.run(call.a, call.out)
+
+    def run(self, a, out):
+        """Check the metadata on the device; returns the int32 (B+1,) fault array.
+
+        a: the CuPy arrays by argument name (cumulative_sequence_length, past_seqlens,
+        block_table are read); out: the (T, N*H) 16-bit output, whose faulted rows become NaN.
+        Launches one kernel on the current stream; never synchronises. The array stays valid
+        until the next guard on this stream.
+        """
+        import cupy
+
+        stream = cupy.cuda.get_current_stream().ptr
+        key = (out.data.device_id, stream)
+        batch = self.batch
+        buffers = _streams.get(key)
+        if buffers is None or buffers.fault.size <= batch:
+            buffers = _grow(key, buffers, batch + 1)
+        fault = buffers.views.get(batch)
+        if fault is None:
+            fault = buffers.views[batch] = buffers.fault[:batch + 1]
+        check_aligned(out=out)
+        self.launch(a["cumulative_sequence_length"].data.ptr, a["past_seqlens"].data.ptr,
+                    a["block_table"].data.ptr, fault.data.ptr, out.data.ptr,
+                    buffers.scratch.data.ptr, self.word.data.ptr, stream=stream)
+        return fault
+
+
+def run_guard(problem, a, out):
+    """The guard alone on the current device (``GuardStep.run``), outside a plan."""
     import cupy
 
-    device = cupy.cuda.runtime.getDevice()
-    stream = cupy.cuda.get_current_stream().ptr
-    key = (device, stream)
-    batch = problem.batch
-    buffers = _streams.get(key)
-    if buffers is None or buffers.fault.size <= batch:
-        buffers = _grow(key, buffers, batch + 1)
-    fault = buffers.views.get(batch)
-    if fault is None:
-        fault = buffers.views[batch] = buffers.fault[:batch + 1]
-    check_aligned(out=out)
-    launch, word = _launcher(problem, device)
-    launch(a["cumulative_sequence_length"].data.ptr, a["past_seqlens"].data.ptr,
-           a["block_table"].data.ptr, fault.data.ptr, out.data.ptr, buffers.scratch.data.ptr,
-           word.data.ptr, stream=stream)
-    return fault
+    return GuardStep(problem, cupy.cuda.runtime.getDevice()).run(a, out)
 
 
 def check_errors(device=None):
@@ -276,34 +285,16 @@ def _device(device_id):
     return kernel, word
 
 
-_LAUNCHERS: dict = {}  # id(problem) -> (problem, device, DirectLaunch)
-_LAUNCHERS_MAX = 256
-
-
-def _launcher(problem, device):
-    """(DirectLaunch with the grid and packed scalars of a Problem, the device's error word),
-    built once per Problem object and device: _validate hands the same object to every call of
-    one signature, so a decode loop looks it up by id (the entry holds the object, so its id is
-    never reused while cached)."""
-    held = _LAUNCHERS.get(id(problem))
-    kernel, word = _device(device)
-    if held is not None and held[0] is problem and held[1] == device:
-        return held[2], word
-    if len(_LAUNCHERS) >= _LAUNCHERS_MAX:
-        _LAUNCHERS.clear()
-    grid, scalars = _build_scalars(problem)
-    launch = DirectLaunch(kernel, (POINTER,) * 7 + scalars, grid, (THREADS,))
-    _LAUNCHERS[id(problem)] = (problem, device, launch)
-    return launch, word
-
-
-def _build_scalars(problem):
+def _packed(problem):
+    """(grid, packed GuardParams scalars) of a Problem."""
     def bound(x):
-        return np.int64(-1 if x is None else min(int(x), _INT64_MAX))
+        return -1 if x is None else min(int(x), _INT64_MAX)
 
     blocks = max(1, min(-(-problem.batch // WARPS), MAX_GRID))
-    return (blocks,), (SCALARS.pack(
-        problem.num_tokens, problem.batch, problem.num_heads * problem.head_size // 8,
-        problem.block_size, min(problem.num_blocks, _INT32_MAX), problem.max_blocks,
-        problem.cos_rows if problem.do_rotary else -1, bound(problem.max_seqlen_q),
-        bound(problem.max_seqlen_k), bound(problem.total_kv_tokens)),)
+    return (blocks,), PARAMS.pack(
+        num_tokens=problem.num_tokens, batch=problem.batch,
+        row_chunks=problem.num_heads * problem.head_size // 8, block_size=problem.block_size,
+        num_blocks=min(problem.num_blocks, _INT32_MAX), max_blocks=problem.max_blocks,
+        cos_rows=problem.cos_rows if problem.do_rotary else -1,
+        max_seqlen_q=bound(problem.max_seqlen_q), max_seqlen_k=bound(problem.max_seqlen_k),
+        total_kv_tokens=bound(problem.total_kv_tokens))

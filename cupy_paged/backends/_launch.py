@@ -1,6 +1,6 @@
-"""Launch helpers shared by the grid-stride kernels (prologue, gather) and the flash launcher:
-the per-dtype variant table, generated entry points, grid sizing, SM counts, alignment checks.
-CuPy is imported on first use only.
+"""How every kernel is launched: ``DirectLaunch`` (one params struct, driver launch, optionally
+programmatic), plus the per-dtype variant table, grid sizing, SM counts and alignment checks
+the launchers share. CuPy is imported on first use only.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import threading
 import numpy as np
 
 from ..jit import KernelSpec, register
+from ._params import entry_point
 
-NULL = np.uint64(0)  # a null pointer kernel argument (no guard flags, no workspace)
 THREADS = 256
 # Resident 256-thread blocks per SM at full occupancy (2048 threads/SM on sm70..sm90): the
 # grid-stride loops need no more blocks than one full wave.
@@ -24,103 +24,46 @@ BLOCKS_PER_SM = 8
 DTYPES = {"float16": ("f16", "__half", 50), "bfloat16": ("bf16", "__nv_bfloat16", 80)}
 
 
-def entry_point(name, ctype, args, body, min_blocks=None):
-    """``extern "C" __global__ void name(args) { body }`` with THREADS as its launch bound
-    (and ``min_blocks`` resident blocks per SM asked of the register allocator, if given)."""
-    bounds = THREADS if min_blocks is None else f"{THREADS}, {min_blocks}"
-    return (f'extern "C" __global__ void __launch_bounds__({bounds})\n'
-            f"{name}({args.format(T=ctype)}) {{\n  {body}\n}}\n")
-
-
-def register_per_dtype(prefix, source, args, call, preamble="", min_blocks=None):
-    """Register ``<prefix>_f16`` / ``<prefix>_bf16`` from ``source``: entries calling
-    ``call.format(T=ctype)`` with ``args`` (a ``{T}``-templated parameter list), after
-    ``preamble`` (e.g. a ``ScalarStruct.definition``); ``min_blocks`` as in entry_point."""
+def register_per_dtype(prefix, source, params, call, min_blocks=None):
+    """Register ``<prefix>_f16`` / ``<prefix>_bf16`` from ``source``: entries taking the
+    ``params`` struct (a ``_params.ParamsStruct``) and running ``call.format(T=ctype)``
+    (``min_blocks`` as in ``_params.entry_point``)."""
     return tuple(
         register(KernelSpec(f"{prefix}_{suffix}", source,
-                            preamble + entry_point(f"{prefix}_{suffix}", ctype, args,
-                                                   call.format(T=ctype), min_blocks),
+                            entry_point(f"{prefix}_{suffix}", params, call.format(T=ctype),
+                                        THREADS, min_blocks),
                             min_arch=min_sm))
         for suffix, ctype, min_sm in DTYPES.values())
 
 
-_NUMPY_OF_C = {"int": "<i4", "unsigned": "<u4", "float": "<f4", "long long": "<i8"}
-
-
-class ScalarStruct:
-    """A kernel's scalar parameters as one C struct passed by value, and its NumPy mirror.
-
-    CuPy converts every kernel argument on every launch (H100: 5.4 us of host time for a
-    10-argument launch, 9.9 us for 27); a (1,) NumPy structured array is passed by value as
-    one argument, so a launcher packs its scalars once per problem and hands CuPy one object.
-    fields: ((C type, name), ...) of "int", "unsigned", "float" and "long long"; the dtype is
-    built with C's alignment rules (``align=True``), so its padding is the struct's; the
-    generated definition static_asserts the size (NVRTC has no offsetof; tests compare the
-    offsets with C's rules).
-    """
-
-    def __init__(self, name, fields):
-        self.name, self.fields = name, tuple(fields)
-        self.dtype = np.dtype([(n, _NUMPY_OF_C[c]) for c, n in self.fields], align=True)
-        self.definition = (
-            f"struct {name} {{\n" + "".join(f"  {c} {n};\n" for c, n in self.fields) + "};\n"
-            f"static_assert(sizeof({name}) == {self.dtype.itemsize}, "
-            f"\"{name}: the NumPy mirror's layout differs\");\n")
-
-    def pack(self, *values):
-        """The (1,) structured array holding ``values`` in field order."""
-        if len(values) != len(self.fields):
-            raise ValueError(f"{self.name}: {len(self.fields)} values expected, got "
-                             f"{len(values)}")
-        packed = np.zeros(1, dtype=self.dtype)
-        packed[0] = values
-        return packed
-
-
 _cuda = None    # cupy.cuda, bound by the first DirectLaunch (CuPy loads on first use)
-POINTER = None  # a DirectLaunch parameter refilled with a device pointer on every launch
 
 
 class ArgumentBlock:
-    """A kernel's parameter values laid out once in host memory, as ``cuLaunchKernel`` takes
-    them: ``params`` is the address of an array of pointers, one per parameter, each to its
-    value. Pointer parameters (``POINTER``) get 8-byte slots, packed together at the start of
-    the block and refilled by ``fill``; every other parameter is a constant NumPy scalar or
-    (1,) array (e.g. a ``ScalarStruct`` pack) copied in once, after them, 16-byte aligned.
+    """A kernel's one parameter, its params struct, laid out in host memory as
+    ``cuLaunchKernel`` takes it: ``params`` is the address of a one-entry array pointing at the
+    struct's bytes. The scalars are copied in once (``packed``: the struct's (1,) NumPy mirror);
+    ``fill`` writes the call's device pointers into the leading ``pointer_count`` fields.
     """
 
     __slots__ = ("_buffer", "_pack", "_params", "params", "pointer_count")
 
-    def __init__(self, args):
-        self.pointer_count = sum(arg is POINTER for arg in args)
-        offsets, slot, offset = [], 0, -(-8 * self.pointer_count // 16) * 16
-        constants = []
-        for arg in args:
-            if arg is POINTER:
-                offsets.append(8 * slot)
-                slot += 1
-                continue
-            data = np.asarray(arg).tobytes()
-            if not data:
-                raise ValueError("ArgumentBlock: an empty constant parameter")
-            offsets.append(offset)
-            constants.append((offset, data))
-            offset = -(-(offset + len(data)) // 16) * 16
-        self._buffer = (ctypes.c_uint8 * max(offset, 16))()
-        base = ctypes.addressof(self._buffer)
-        for at, data in constants:
-            ctypes.memmove(base + at, data, len(data))
-        self._params = (ctypes.c_void_p * max(len(offsets), 1))(*(base + o for o in offsets))
+    def __init__(self, packed, pointer_count):
+        data = np.asarray(packed).tobytes()
+        self.pointer_count = pointer_count
+        self._buffer = (ctypes.c_uint8 * max(-(-len(data) // 16) * 16, 16))()
+        ctypes.memmove(ctypes.addressof(self._buffer), data, len(data))
+        self._params = (ctypes.c_void_p * 1)(ctypes.addressof(self._buffer))
         self.params = ctypes.addressof(self._params)
-        self._pack = struct.Struct(f"<{self.pointer_count}Q")
+        self._pack = struct.Struct(f"<{pointer_count}Q")
 
     def fill(self, pointers):
-        """Write the device addresses (ints, in parameter order) into the pointer slots."""
+        """Write the device addresses (ints, in field order) into the pointer fields."""
         self._pack.pack_into(self._buffer, 0, *pointers)
 
-    def read(self, index, size):
-        """The ``size`` bytes parameter ``index`` points at (for tests)."""
-        return ctypes.string_at(self._params[index], size)
+    def read(self, size):
+        """The first ``size`` bytes of the struct as the kernel would receive them (tests)."""
+        return ctypes.string_at(self._params[0], size)
 
 
 # ---------------------------------------------------------------- programmatic launches
@@ -175,8 +118,9 @@ class DirectLaunch:
     for one argument, 17.5 us for 27; a NumPy structured argument goes through NumPy's
     descriptor machinery, ~10 us more). A launch here packs the call's device pointers into a
     prepared ``ArgumentBlock`` and calls ``cuLaunchKernel`` on the current CuPy stream, so a
-    per-problem plan pays the conversions once. kernel: a ``cupy.RawKernel`` (kept alive);
-    args: its parameters in order, ``POINTER`` or a constant (see ``ArgumentBlock``).
+    per-problem plan pays the conversions once. kernel: a ``cupy.RawKernel`` (kept alive) whose
+    one parameter is the struct ``params`` (a ``_params.ParamsStruct``); packed: its (1,) NumPy
+    mirror holding the scalars (``params.pack``); a launch supplies the pointer fields.
     Thread-safe: one lock covers filling the block and the launch (the driver copies the
     values before it returns). The launch is captured like any other by CUDA graph capture.
 
@@ -189,14 +133,14 @@ class DirectLaunch:
 
     __slots__ = ("_block", "_config", "_dims", "_ex", "_function", "_kernel", "_lock")
 
-    def __init__(self, kernel, args, grid, block, shared_mem=0, programmatic=False):
+    def __init__(self, kernel, params, packed, grid, block, shared_mem=0, programmatic=False):
         global _cuda
         import cupy.cuda
 
         _cuda = cupy.cuda
         self._kernel = kernel
         self._function = kernel.kernel.ptr
-        self._block = ArgumentBlock(args)
+        self._block = ArgumentBlock(packed, len(params.pointers))
         grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         self._dims = grid + block + (int(shared_mem),)
         self._lock = threading.Lock()
@@ -208,6 +152,11 @@ class DirectLaunch:
             config.attrs = ctypes.pointer(
                 _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION, value=1))
             self._config, self._ex = config, _launch_kernel_ex()
+
+    @property
+    def programmatic(self):
+        """Whether this kernel starts programmatically behind the previous one."""
+        return self._ex is not None
 
     def __call__(self, *pointers, stream=None):
         """Launch with ``pointers`` (device addresses as ints: ``array.data.ptr``, 0 for none)

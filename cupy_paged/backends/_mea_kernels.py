@@ -4,7 +4,7 @@ The kernel (cuda_src/mea/fmha_paged.cuh) runs CUTLASS's memory-efficient attenti
 packed copy of each sequence's keys/values, with GQA, bottom-right causal, sliding-window,
 unmapped-block masks and softcap. Instantiations are named
 ``mea_fwd_{f16|bf16}_sm{tag}_q{queries}_k{keys}_h{max_k}``; that name is the extern "C" symbol,
-the cache file and the test id. CuPy is imported only inside ``launch_fmha``.
+the cache file and the test id. CuPy is imported only when launching.
 """
 from __future__ import annotations
 
@@ -14,12 +14,14 @@ import numpy
 
 from cupy_paged.jit import KernelSpec, register
 
-from ._launch import NULL
+from ._launch import DirectLaunch
+from ._params import entry_point, params_struct
 
 ARCH_TAGS = (50, 70, 75, 80)          # CUTLASS arch tags with an fMHA configuration
 ANY_HEAD = 1 << 16                    # kMaxK of the tile that streams the output via gmem
 _DTYPES = {"float16": ("f16", "cutlass::half_t"), "bfloat16": ("bf16", "cutlass::bfloat16_t")}
 _SOURCE = "mea/fmha_entry.cu"
+FMHA_PARAMS = params_struct("mea/params.cuh", "cupy_paged::mea::FmhaParams")
 
 
 def arch_tag(sm) -> int:
@@ -94,8 +96,6 @@ def launch_fmha(problem, q, q_row_stride, k_packed, v_packed, out, out_accum, cu
     """
     import cupy
 
-    name = variant_name(problem.dtype, sm, problem.head_size)
-    tile_q = choose_tile(sm, problem.head_size)[0]
     need = workspace_elements(problem)
     _check_launch(problem, q, q_row_stride, (q, k_packed, v_packed, out), out_accum, need)
     for arg, a in (("cu_q", cu_q), ("cu_k", cu_k), ("block_table", block_table)):
@@ -103,22 +103,31 @@ def launch_fmha(problem, q, q_row_stride, k_packed, v_packed, out, out_accum, cu
             raise TypeError(f"{arg}: must be int32 (got {a.dtype}): pass {arg}.astype(cupy.int32)")
     if problem.batch == 0 or max_seqlen_q <= 0:
         return
+    launch = fmha_launch(problem, cupy.cuda.Device().id, sm, q_row_stride, max_seqlen_q,
+                         min(q.shape[0], out.shape[0]), min(k_packed.shape[0], v_packed.shape[0]))
+    launch(q.data.ptr, k_packed.data.ptr, v_packed.data.ptr, out.data.ptr,
+           out_accum.data.ptr if need else 0, cu_q.data.ptr, cu_k.data.ptr,
+           block_table.data.ptr, 0 if fault is None else fault.data.ptr)
+
+
+def fmha_launch(problem, device, sm, q_row_stride, max_seqlen_q, num_tokens, kv_rows):
+    """The fMHA's DirectLaunch for ``problem`` on ``device`` with arch tag ``arch_tag(sm)``:
+    grid (ceil(max_seqlen_q / tile rows), N, B); q rows of ``q_row_stride`` elements; q and
+    out of ``num_tokens`` rows, the packed K/V of ``kv_rows``."""
     if problem.batch > 65535:
         raise ValueError(f"batch: the mea kernel's grid holds at most 65535 sequences, got "
                          f"{problem.batch}; split the batch")
-    kernel, smem, threads = _kernel(cupy.cuda.Device().id, name)
+    name = variant_name(problem.dtype, sm, problem.head_size)
+    tile_q = choose_tile(sm, problem.head_size)[0]
+    kernel, smem, threads = _kernel(device, name)
     grid = ((int(max_seqlen_q) + tile_q - 1) // tile_q, problem.num_heads, problem.batch)
-    accum = out_accum if need else NULL  # the kernel never touches it
-    kernel(grid, (32, threads // 32, 1),
-           (q, numpy.int64(q_row_stride), k_packed, v_packed, out, accum, cu_q, cu_k,
-            block_table, NULL if fault is None else fault,
-            numpy.int32(problem.max_blocks), numpy.int32(problem.block_size),
-            numpy.int32(problem.num_heads), numpy.int32(problem.kv_num_heads),
-            numpy.int32(problem.head_size), numpy.float32(problem.scale),
-            numpy.float32(problem.softcap), numpy.int32(problem.window),
-            numpy.int64(min(q.shape[0], out.shape[0])),
-            numpy.int64(min(k_packed.shape[0], v_packed.shape[0]))),
-           shared_mem=smem)
+    packed = FMHA_PARAMS.pack(
+        q_row_stride=q_row_stride, max_blocks=problem.max_blocks,
+        block_size=problem.block_size, num_heads=problem.num_heads,
+        kv_num_heads=problem.kv_num_heads, head_size=problem.head_size, scale=problem.scale,
+        softcap=problem.softcap, window=problem.window, num_tokens=num_tokens,
+        kv_rows=kv_rows)
+    return DirectLaunch(kernel, FMHA_PARAMS, packed, grid, (32, threads // 32, 1), smem)
 
 
 # ---------------------------------------------------------------- helpers
@@ -131,20 +140,26 @@ def _dtype_name(dtype) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _register(dtype: str, tag: int, queries: int, keys: int, max_k: int) -> str:
     short, ctype = _DTYPES[dtype]
     if short == "bf16" and tag < 80:
         raise ValueError(f"dtype: bfloat16 needs the Sm80 kernels (sm_80 or newer), got Sm{tag}")
     name = f"mea_fwd_{short}_sm{tag}_q{queries}_k{keys}_h{max_k}"
-    entry = f"CUPY_PAGED_MEA_ENTRY({name}, {ctype}, Sm{tag}, {queries}, {keys}, {max_k})\n"
+    fmha = f"{name}_fmha"
+    entry = (f"using {fmha} = cupy_paged::mea::PagedFmha<AttentionKernel<{ctype}, "
+             f"cutlass::arch::Sm{tag}, true, {queries}, {keys}, {max_k}, false, false>>;\n"
+             f'extern "C" __device__ int {name}_launch_info[2] = {{{fmha}::kSmemBytes, '
+             f"{fmha}::kThreads}};\n"
+             + entry_point(name, FMHA_PARAMS, f"cupy_paged::mea::paged_fmha<{fmha}>(p);",
+                           f"{fmha}::kThreads", f"{fmha}::kMinBlocksPerSm"))
     # -default-device: CUTLASS leaves constexpr helpers unannotated (see jit/registry.py)
     register(KernelSpec(name, _SOURCE, entry, options=("-default-device",),
                         min_arch=tag, cutlass=True))
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel(device_id: int, name: str):
     """(RawKernel, dynamic smem bytes, threads per block) of ``name`` on ``device_id``.
 

@@ -1,4 +1,4 @@
-"""What a backend is: a declared envelope (capabilities as data) and a launch function.
+"""What a backend is: a declared envelope (capabilities as data) and a planner.
 
 A backend that cannot run a call says why in sentences; ``choose_backend`` collects them.
 """
@@ -49,14 +49,11 @@ class Capabilities:
 
 @dataclass(frozen=True)
 class Backend:
-    """A named backend: its capabilities and ``run(problem, adopted, out, fault=None)``.
-
-    adopted: the call's ``AdoptedArrays``; out: the (T, N*H) output array (T > 0) that run
-    fills, writing the new K/V into the caches in place. fault: None, or the int32 (B+1,)
-    per-sequence fault flags of the metadata guard (GPU backends): a sequence whose flag is
-    set, or every sequence when fault[B] is set, is neither written nor attended.
-    """
+    """A named backend: its capabilities and ``make_plan(problem, device, sm, options,
+    reason)``, which returns the ``plan.Plan`` of a call it can run (device: GPU id, None on
+    the host; sm: its compute capability; options: ``plan.PlanOptions``; reason: the sentence
+    saying why this backend was chosen)."""
 
     name: str
     capabilities: Capabilities
-    run: object
+    make_plan: object

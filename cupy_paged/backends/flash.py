@@ -1,47 +1,37 @@
-"""The "flash" backend: prologue kernel, then our sm80+ attention kernel reading the paged
-cache in place (``cuda_src/flash/``), with split-KV for long contexts and few work units.
+"""The "flash" backend: metadata guard, prologue kernel, then our sm80+ attention kernel reading
+the paged cache in place (``cuda_src/flash/``), with split-KV for long contexts and few work
+units.
 
 No device->host synchronisation: grids, split counts and workspaces come from host-known
-shapes, so a call can be captured in a CUDA graph. The split-KV workspace is kept per
-(device, stream) and only grows (outgrown buffers are kept), so a captured graph's workspace
-stays alive and calls on different streams never share one.
+shapes, so a call can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-from . import _flash_kernels, _prologue
+from . import _flash_policy, _guard, _prologue
+from ._flash_kernels import ForwardStep
+from ._launch import programmatic_supported
 from .base import Backend, Capabilities
+from .plan import Plan
 
-_workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), grow-only
-_retired: list = []     # outgrown workspaces, kept alive for graphs captured before the growth
-
-
-def _run(problem, adopted, out, fault=None):
-    xp, a, sm = adopted.xp, adopted.arrays, adopted.sm
-    device = a["query"].data.device_id
-    plan = _flash_kernels.launch_plan(problem, sm, device)
-    q = _prologue.run_prologue(problem, a, fault, overlap=plan.overlap)
-    splits = plan.splits
-    workspace = _workspace(xp, device, problem, splits) if splits > 1 else None
-    _flash_kernels.launch_flash(
-        problem, q, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
-        a["past_seqlens"], a["block_table"], out, sm, workspace=workspace, fault=fault,
-        after_prologue=True)
+OPTIONS = ("tile", "num_splits", "programmatic")
 
 
-def _workspace(xp, device, problem, splits):
-    """Float32 (partial_o, partial_lse) views of at least ``workspace_shape`` elements."""
-    o_shape, lse_shape = _flash_kernels.workspace_shape(problem, splits)
-    key = (device, xp.cuda.get_current_stream().ptr)
-    held = _workspaces.get(key)
-    n_o, n_lse = o_shape[0] * o_shape[1] * o_shape[2], lse_shape[0] * lse_shape[1]
-    if held is None or held[0].size < n_o or held[1].size < n_lse:
-        n_o, n_lse = max(n_o, 0 if held is None else held[0].size), max(
-            n_lse, 0 if held is None else held[1].size)
-        if held is not None:
-            _retired.append(held)  # a graph captured earlier may still point into it
-        held = (xp.empty(n_o, dtype=xp.float32), xp.empty(n_lse, dtype=xp.float32))
-        _workspaces[key] = held
-    return held
+def make_plan(problem, device, sm, options, reason):
+    """The flash ``Plan`` of ``problem`` on GPU ``device`` (compute capability ``sm``): guard,
+    prologue, forward kernel (and combine). Programmatic launches are decided here, once:
+    ``options.programmatic``, else when the call's estimated GPU time reaches the threshold
+    (``_flash_policy.overlap_launches``); only on sm90+ with a driver that has them."""
+    options.check("flash", OPTIONS)
+    wanted = (_flash_policy.overlap_launches(problem) if options.programmatic is None
+              else options.programmatic)
+    pdl = bool(wanted) and programmatic_supported(device)
+    guard = _guard.GuardStep(problem, device)
+    prologue = _prologue.PrologueStep(problem, device, programmatic=pdl)
+    forward = ForwardStep(problem, device, sm, options.tile, options.num_splits,
+                          programmatic=pdl)
+    return Plan("flash", reason, problem, device, options, (guard, prologue, forward),
+                (guard.facts, prologue.facts) + forward.facts,
+                {"tile": forward.tile, "num_splits": forward.splits, "programmatic": pdl})
 
 
 BACKEND = Backend(
@@ -49,4 +39,4 @@ BACKEND = Backend(
     capabilities=Capabilities(
         array_kinds=frozenset({"cupy"}), dtype_min_sm={"float16": 80, "bfloat16": 80},
         max_head_size=256),
-    run=_run)
+    make_plan=make_plan)
