@@ -22,14 +22,7 @@ from dataclasses import dataclass
 
 from . import backends
 from ._validate import Problem
-from .backends import (
-    _flash_kernels,
-    _flash_tiles,
-    _gather,
-    _guard,
-    _mea_kernels,
-    _prologue,
-)
+from .backends import _flash_kernels, _flash_tiles, _gather, _guard, _mea_kernels, _prologue
 from .errors import CompileError, ToolchainError
 from .jit import cache, compiler, find_toolchain, get_spec
 from .jit.registry import arch_number

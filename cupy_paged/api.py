@@ -10,8 +10,6 @@ from .backends import _guard
 from .backends.plan import DEFAULT_OPTIONS
 
 check_errors = _guard.check_errors
-_ARRAYS = ("query", "key", "value", "key_cache", "value_cache", "cumulative_sequence_length",
-           "past_seqlens", "block_table", "cos_cache", "sin_cache")
 
 
 def paged_attention(
@@ -51,12 +49,8 @@ def paged_attention(
     See ``shared/spec/semantics.md`` for the exact contract.
     """
     requested = backends.check_backend_name(backend)
-    adopted = adopt_arrays({
-        "query": query, "key": key, "value": value,
-        "key_cache": key_cache, "value_cache": value_cache,
-        "cumulative_sequence_length": cumulative_sequence_length,
-        "past_seqlens": past_seqlens, "block_table": block_table,
-        "cos_cache": cos_cache, "sin_cache": sin_cache, "out": out})
+    adopted = _adopt(query, key, value, key_cache, value_cache, cumulative_sequence_length,
+                     past_seqlens, block_table, cos_cache, sin_cache, out)
     problem = _validate.check_arguments(
         adopted.arrays, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
         softcap=softcap, local_window_size=local_window_size, do_rotary=do_rotary,
@@ -80,10 +74,9 @@ def plan(query, key, value, key_cache, value_cache, cumulative_sequence_length, 
     shape once; ``paged_attention`` makes and caches the same plan itself.
     """
     requested = backends.check_backend_name(backend)
-    arrays = dict(zip(_ARRAYS, (query, key, value, key_cache, value_cache,
-                                cumulative_sequence_length, past_seqlens, block_table,
-                                cos_cache, sin_cache)))
-    adopted = adopt_arrays(dict(arrays, out=attributes.pop("out", None)))
+    adopted = _adopt(query, key, value, key_cache, value_cache, cumulative_sequence_length,
+                     past_seqlens, block_table, cos_cache, sin_cache,
+                     attributes.pop("out", None))
     attributes = _attributes(**attributes)
     problem = _validate.check_arguments(adopted.arrays, **attributes)
     options = DEFAULT_OPTIONS if options is None else options
@@ -122,12 +115,9 @@ class AttentionPlan:
                  past_seqlens, block_table, cos_cache=None, sin_cache=None, *, out=None,
                  validate=False):
         """Run one call; returns (T, N*H) like ``paged_attention``."""
-        adopted = adopt_arrays({
-            "query": query, "key": key, "value": value,
-            "key_cache": key_cache, "value_cache": value_cache,
-            "cumulative_sequence_length": cumulative_sequence_length,
-            "past_seqlens": past_seqlens, "block_table": block_table,
-            "cos_cache": cos_cache, "sin_cache": sin_cache, "out": out})
+        adopted = _adopt(query, key, value, key_cache, value_cache,
+                         cumulative_sequence_length, past_seqlens, block_table, cos_cache,
+                         sin_cache, out)
         problem = _validate.check_arguments(adopted.arrays, **self._attributes)
         made = self._plan
         if problem != made.problem or adopted.device != made.device:
@@ -140,6 +130,16 @@ class AttentionPlan:
     def __repr__(self):
         kernels = ", ".join(launch.kernel for launch in self.launches)
         return f"<AttentionPlan {self.backend}: {kernels or 'host'}>"
+
+
+def _adopt(query, key, value, key_cache, value_cache, cum, past, block_table, cos_cache,
+           sin_cache, out):
+    """The call's arrays by argument name, adopted (``_arrays.adopt_arrays``)."""
+    return adopt_arrays({
+        "query": query, "key": key, "value": value, "key_cache": key_cache,
+        "value_cache": value_cache, "cumulative_sequence_length": cum, "past_seqlens": past,
+        "block_table": block_table, "cos_cache": cos_cache, "sin_cache": sin_cache,
+        "out": out})
 
 
 def _run(plan_, adopted, out, validate):

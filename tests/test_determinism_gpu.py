@@ -2,7 +2,7 @@
 bits, output and caches (README.md, "Determinism", states the guarantee).
 
 flash is run with split-KV forced off (num_splits 1) and on (2, 5, 16: some splits then get no
-key tile at all) by replacing ``_flash_kernels.plan_splits`` for the test, and with its own plan;
+key tile at all) through the plan option ``PlanOptions(num_splits=...)``, and with its own plan;
 mea as it is. Between repeats the call's memory is disturbed: another call of a different shape
 runs first (it reuses and dirties CuPy's pool blocks and flash's per-stream split workspace)
 and the caller's ``out`` holds different garbage each time. One repeat runs in a fresh process
@@ -10,7 +10,6 @@ and the caller's ``out`` holds different garbage each time. One repeat runs in a
 Split on and off are NOT expected to agree bit for bit (the float32 sums differ in order); each
 is checked against the reference instead.
 """
-import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -43,22 +42,11 @@ SPLITS = [None, 1, 2, 5, 16]        # None: the library's own plan
 REPEATS = 3
 
 
-@contextlib.contextmanager
 def forced_splits(splits):
-    """flash's split count forced to ``splits`` for the duration (None: untouched). Replaces
-    ``_plan`` (launch_plan's memo keys on it, so no stale plan is reused) and ``plan_splits``."""
-    from cupy_paged.backends import _flash_kernels as fk
+    """The plan options that force flash's split count to ``splits`` (None: the plan's own)."""
+    from cupy_paged import PlanOptions
 
-    if splits is None:
-        yield
-        return
-    saved = fk._plan, fk.plan_splits
-    fk._plan = lambda problem, sm, sm_count, num_splits: saved[0](problem, sm, sm_count, splits)
-    fk.plan_splits = lambda problem, sm_count, sm=80: splits
-    try:
-        yield
-    finally:
-        fk._plan, fk.plan_splits = saved
+    return None if splits is None else PlanOptions(num_splits=splits)
 
 
 @functools.cache
@@ -86,8 +74,8 @@ def run_once(name, dtype, backend, splits, out_fill=np.nan):
     dev = [None if x is None else cupy.asarray(x) for x in low]
     T, N, H = low[0].shape[0], inp.kwargs["num_heads"], low[3].shape[3]
     out = cupy.full((T, N * H), out_fill, dtype=host_dtype(dtype))
-    with forced_splits(splits):
-        cupy_paged.paged_attention(*dev, **inp.kwargs, backend=backend, out=out)
+    cupy_paged.paged_attention(*dev, **inp.kwargs, backend=backend, out=out,
+                               options=forced_splits(splits))
     return tuple(cupy.asnumpy(x).view(np.uint16) for x in (out, dev[3], dev[4]))
 
 

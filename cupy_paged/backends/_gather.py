@@ -9,15 +9,8 @@ from __future__ import annotations
 import functools
 
 from ..jit import get_function
-from ._launch import (
-    THREADS,
-    DirectLaunch,
-    check_aligned,
-    grid_size,
-    pointer,
-    register_per_dtype,
-    variant,
-)
+from ._launch import (THREADS, DirectLaunch, check_aligned, grid_size, pointer,
+                      register_per_dtype, variant)
 from ._params import params_struct
 
 _INT32_MAX = 2**31 - 1

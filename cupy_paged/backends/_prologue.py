@@ -7,15 +7,8 @@ interleaved are runtime flags (uniform branches). CuPy is imported on first laun
 from __future__ import annotations
 
 from ..jit import get_function
-from ._launch import (
-    THREADS,
-    DirectLaunch,
-    check_aligned,
-    grid_size,
-    pointer,
-    register_per_dtype,
-    variant,
-)
+from ._launch import (THREADS, DirectLaunch, check_aligned, grid_size, pointer,
+                      register_per_dtype, variant)
 from ._params import params_struct
 from .plan import Launch
 

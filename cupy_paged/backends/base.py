@@ -47,6 +47,12 @@ class Capabilities:
         return out
 
 
+def gpu_capabilities(dtype_min_sm, max_head_size):
+    """The envelope of a backend that runs CuPy arrays: dtype -> lowest SM, largest H."""
+    return Capabilities(array_kinds=frozenset({"cupy"}), dtype_min_sm=dtype_min_sm,
+                        max_head_size=max_head_size)
+
+
 @dataclass(frozen=True)
 class Backend:
     """A named backend: its capabilities and ``make_plan(problem, device, sm, options,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import _flash_policy, _guard, _prologue
 from ._flash_kernels import ForwardStep
 from ._launch import programmatic_supported
-from .base import Backend, Capabilities
+from .base import Backend, gpu_capabilities
 from .plan import Plan
 
 OPTIONS = ("tile", "num_splits", "programmatic")
@@ -34,9 +34,4 @@ def make_plan(problem, device, sm, options, reason):
                 {"tile": forward.tile, "num_splits": forward.splits, "programmatic": pdl})
 
 
-BACKEND = Backend(
-    name="flash",
-    capabilities=Capabilities(
-        array_kinds=frozenset({"cupy"}), dtype_min_sm={"float16": 80, "bfloat16": 80},
-        max_head_size=256),
-    make_plan=make_plan)
+BACKEND = Backend("flash", gpu_capabilities({"float16": 80, "bfloat16": 80}, 256), make_plan)

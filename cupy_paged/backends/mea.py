@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _gather, _guard, _mea_kernels, _prologue
-from .base import Backend, Capabilities
+from .base import Backend, gpu_capabilities
 from .plan import Launch, Plan
 
 OPTIONS = ("arch_tag",)
@@ -83,9 +83,4 @@ def make_plan(problem, device, sm, options, reason):
                 {"arch_tag": _mea_kernels.arch_tag(tag_sm)})
 
 
-BACKEND = Backend(
-    name="mea",
-    capabilities=Capabilities(
-        array_kinds=frozenset({"cupy"}), dtype_min_sm={"float16": 50, "bfloat16": 80},
-        max_head_size=256),
-    make_plan=make_plan)
+BACKEND = Backend("mea", gpu_capabilities({"float16": 50, "bfloat16": 80}, 256), make_plan)
