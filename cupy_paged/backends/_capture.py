@@ -18,11 +18,11 @@ _lock = threading.Lock()
 _NOTHING = contextlib.nullcontext()
 
 
-def keep_allocations(xp):
-    """A context for the call's GPU work: a no-op unless the current CuPy stream is capturing;
-    then every allocation inside it is kept alive (see the module docstring). The legacy
-    default stream (handle 0) cannot capture and is not queried."""
-    stream = xp.cuda.get_current_stream()
+def keep_allocations(xp, stream=None):
+    """A context for the call's GPU work: a no-op unless ``stream`` (None: the current CuPy
+    stream) is capturing; then every allocation inside it is kept alive (see the module
+    docstring). The legacy default stream (handle 0) cannot capture and is not queried."""
+    stream = xp.cuda.get_current_stream() if stream is None else stream
     if stream.ptr == 0 or not stream.is_capturing():
         return _NOTHING
     return _keeping(xp)

@@ -156,40 +156,50 @@ class ForwardStep:
             facts.append(Launch(combine, combine_grid, (_COMBINE_THREADS, 1, 1), 0,
                                 programmatic))
         self.facts = tuple(facts)
+        self._held = None  # ((device, stream), workspace) of the last split-KV call
 
     def __call__(self, call):
         a = call.a
         self.run(call.q, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
-                 a["past_seqlens"], a["block_table"], call.out, call.fault)
+                 a["past_seqlens"], a["block_table"], call.out, call.fault, None, call.stream)
 
     def run(self, q, key_cache, value_cache, cum, past, block_table, out, fault=None,
-            workspace=None):
+            workspace=None, stream=None):
         """Attention of the (already rotated) q over the paged caches into out (see
-        ``launch_flash``); workspace None: the step's own for the current stream."""
+        ``launch_flash``) on ``stream`` (a handle; None: the current CuPy stream); workspace
+        None: the stream's own (``stream_workspace``)."""
         if self.problem.num_tokens == 0 or self.problem.batch == 0:
             return out
-        for arr in (q, key_cache, value_cache, out):
-            if arr.dtype.itemsize != 2 or arr.data.ptr % 16:
-                raise ValueError("flash: q, caches and out must be 16-bit arrays on 16-byte "
-                                 f"aligned addresses (got {arr.dtype} at {arr.data.ptr:#x})")
+        q_p, kc_p, vc_p, o_p = (q.data.ptr, key_cache.data.ptr, value_cache.data.ptr,
+                                out.data.ptr)
+        if (q_p | kc_p | vc_p | o_p) & 15:
+            _check_arrays(q, key_cache, value_cache, out)
         if self.splits > 1:
-            partial_o, partial_lse = (self._workspace(out) if workspace is None
+            partial_o, partial_lse = (self._workspace(out, stream) if workspace is None
                                       else self._check_workspace(workspace))
             po_p, pl_p = partial_o.data.ptr, partial_lse.data.ptr
         else:
-            po_p = pl_p = out.data.ptr  # never dereferenced with num_splits == 1
-        o_p, f_p = out.data.ptr, pointer(fault)
-        self.forward(q.data.ptr, key_cache.data.ptr, value_cache.data.ptr, cum.data.ptr,
-                     past.data.ptr, block_table.data.ptr, o_p, po_p, pl_p, f_p)
+            po_p = pl_p = o_p  # never dereferenced with num_splits == 1
+        f_p = pointer(fault)
+        self.forward(q_p, kc_p, vc_p, cum.data.ptr, past.data.ptr, block_table.data.ptr, o_p,
+                     po_p, pl_p, f_p, stream=stream)
         if self.combine is not None:
-            self.combine(po_p, pl_p, o_p, f_p)
+            self.combine(po_p, pl_p, o_p, f_p, stream=stream)
         return out
 
-    def _workspace(self, out):
+    def _workspace(self, out, stream):
+        """The stream's workspace, remembered for the last stream this step ran on (a
+        workspace is never freed, so one the stream has outgrown since stays valid)."""
         import cupy
 
-        return stream_workspace(cupy, out.data.device_id,
-                                *workspace_shape(self.problem, self.splits))
+        if stream is None:
+            stream = cupy.cuda.get_current_stream().ptr
+        key = (out.data.device_id, stream)
+        held = self._held
+        if held is None or held[0] != key:
+            held = self._held = (key, stream_workspace(
+                cupy, key[0], stream, *workspace_shape(self.problem, self.splits)))
+        return held[1]
 
     def _check_workspace(self, workspace):
         o_shape, lse_shape = workspace_shape(self.problem, self.splits)
@@ -201,15 +211,24 @@ class ForwardStep:
         return workspace
 
 
+def _check_arrays(*arrays):
+    """ValueError unless every array is 16-bit on a 16-byte aligned address (plan calls get
+    dtypes validated; their addresses are checked per call)."""
+    for arr in arrays:
+        if arr.dtype.itemsize != 2 or arr.data.ptr % 16:
+            raise ValueError("flash: q, caches and out must be 16-bit arrays on 16-byte "
+                             f"aligned addresses (got {arr.dtype} at {arr.data.ptr:#x})")
+
+
 _workspaces: dict = {}  # (device id, stream ptr) -> (partial_o, partial_lse), grow-only
 _retired: list = []     # outgrown workspaces, kept alive for graphs captured before the growth
 
 
-def stream_workspace(xp, device, o_shape, lse_shape):
+def stream_workspace(xp, device, stream, o_shape, lse_shape):
     """Float32 (partial_o, partial_lse) views of at least these shapes' elements, kept per
-    (device, stream): they only grow and are never freed, so a captured CUDA graph's workspace
-    stays valid and calls on different streams never share one."""
-    key = (device, xp.cuda.get_current_stream().ptr)
+    (device, stream handle): they only grow and are never freed, so a captured CUDA graph's
+    workspace stays valid and calls on different streams never share one."""
+    key = (device, stream)
     held = _workspaces.get(key)
     n_o, n_lse = math.prod(o_shape), math.prod(lse_shape)
     if held is None or held[0].size < n_o or held[1].size < n_lse:
@@ -236,5 +255,6 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
     (B+1,) flags: CTAs of a faulted sequence (all, when fault[B] != 0) write nothing to out,
     and with split-KV poison their partial sums so the combine writes NaN rows.
     """
+    _check_arrays(q, key_cache, value_cache, out)
     step = ForwardStep(problem, q.data.device_id, int(sm), tile, num_splits)
     return step.run(q, key_cache, value_cache, cum, past, block_table, out, fault, workspace)

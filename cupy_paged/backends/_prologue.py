@@ -40,9 +40,9 @@ class PrologueStep:
         self.facts = Launch(name, grid, (THREADS, 1, 1), 0, programmatic)
 
     def __call__(self, call):
-        call.q = self.run(call.a, call.fault)
+        call.q = self.run(call.a, call.fault, call.stream)
 
-    def run(self, a, fault=None):
+    def run(self, a, fault=None, stream=None):
         """Unpack, rotate and write the caches; returns the (T, N*H) query to attend with.
 
         a: the CuPy arrays by argument name (query, key, value, key_cache, value_cache,
@@ -50,8 +50,8 @@ class PrologueStep:
         value / cos / sin may be None). The caches are written in place. fault: the metadata
         guard's int32 (B+1,) verdict, or None: tokens of a faulted sequence (every token when
         fault[B] != 0) are neither rotated nor written. Returns a fresh (T, N*H) array (packed
-        or rotated input) or ``query`` itself. Launches on the current stream; never
-        synchronises.
+        or rotated input) or ``query`` itself. Launches on ``stream`` (a handle; None: the
+        current CuPy stream); never synchronises.
         """
         import cupy
 
@@ -64,12 +64,14 @@ class PrologueStep:
         value = query if problem.packed else a["value"]
         cos = a["cos_cache"] if problem.do_rotary else query   # never read without rotary
         sin = a["sin_cache"] if problem.do_rotary else query
-        check_aligned(query=query, key=key, value=value, key_cache=a["key_cache"],
-                      value_cache=a["value_cache"])
-        self.launch(query.data.ptr, key.data.ptr, value.data.ptr, a["key_cache"].data.ptr,
-                    a["value_cache"].data.ptr, a["cumulative_sequence_length"].data.ptr,
+        kc, vc = a["key_cache"], a["value_cache"]
+        q_p, k_p, v_p, kc_p, vc_p = (query.data.ptr, key.data.ptr, value.data.ptr,
+                                     kc.data.ptr, vc.data.ptr)
+        if (q_p | k_p | v_p | kc_p | vc_p) & 15:  # the kernel moves 16-byte vectors
+            check_aligned(query=query, key=key, value=value, key_cache=kc, value_cache=vc)
+        self.launch(q_p, k_p, v_p, kc_p, vc_p, a["cumulative_sequence_length"].data.ptr,
                     a["past_seqlens"].data.ptr, a["block_table"].data.ptr, pointer(fault),
-                    cos.data.ptr, sin.data.ptr, q.data.ptr)
+                    cos.data.ptr, sin.data.ptr, q.data.ptr, stream=stream)
         return q
 
 

@@ -60,13 +60,15 @@ class Launch:
 
 class Call:
     """The state of one call as its steps pass it on: the arrays by argument name, the output,
-    the guard's verdict (None until the guard ran, and without one) and the query the
-    attention reads (the prologue's rotated copy, or the input)."""
+    the stream handle the launches go to (None: the current CuPy stream), the guard's verdict
+    (None until the guard ran, and without one) and the query the attention reads (the
+    prologue's rotated copy, or the input)."""
 
-    __slots__ = ("a", "fault", "out", "q")
+    __slots__ = ("a", "fault", "out", "q", "stream")
 
-    def __init__(self, arrays, out):
-        self.a, self.out, self.fault, self.q = arrays, out, None, arrays["query"]
+    def __init__(self, arrays, out, stream=None):
+        self.a, self.out, self.stream = arrays, out, stream
+        self.fault, self.q = None, arrays["query"]
 
 
 @dataclass(frozen=True)
@@ -95,14 +97,16 @@ class Plan:
         the reference), ``out`` the (T, N*H) output it fills; the caches are written in place.
         Asynchronous on the current stream for GPU plans; a call made while the stream
         captures a CUDA graph keeps its scratch memory alive (``_capture``)."""
-        call = Call(arrays, out)
         if not self.gpu:
+            call = Call(arrays, out)
             for step in self.steps:
                 step(call)
             return out
         import cupy
 
-        with _capture.keep_allocations(cupy):
+        stream = cupy.cuda.get_current_stream()
+        call = Call(arrays, out, stream.ptr)
+        with _capture.keep_allocations(cupy, stream):
             for step in self.steps:
                 step(call)
         return out
