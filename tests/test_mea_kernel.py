@@ -18,6 +18,7 @@ import pytest
 
 from cupy_paged._validate import Problem
 from cupy_paged.backends import _mea_kernels as mk
+from cupy_paged.backends._launch import DTYPES as GPU_DTYPES
 from cupy_paged.errors import ToolchainError
 from cupy_paged.jit import compile_many, compile_variant, get_spec
 from cupy_paged.reference import paged_attention_reference
@@ -181,7 +182,7 @@ class MeaCase:
     @property
     def id(self):
         cap = f"_cap{self.softcap:g}" if self.softcap > 0 else ""
-        return (f"mea_{mk._DTYPES[self.dtype][0]}_sm{self.tag}_h{self.H}_n{self.N}x{self.Nkv}"
+        return (f"mea_{GPU_DTYPES[self.dtype].short}_sm{self.tag}_h{self.H}_n{self.N}x{self.Nkv}"
                 f"_bs{self.bs}_w{self.W}{cap}_s{self.scale:g}_{self.mode}"
                 f"{'_packed' if self.packed else ''}")
 

@@ -14,11 +14,10 @@ import math
 from ..jit import KernelSpec, get_function, register
 from ._flash_policy import plan_splits, problem_tile, workspace_shape
 from ._flash_tiles import SMEM_LIMIT, all_tiles
-from ._launch import DirectLaunch, pointer, sm_count
+from ._launch import DTYPES, DirectLaunch, pointer, sm_count
 from ._params import entry_point, params_struct
 from .plan import Launch
 
-_DTYPES = {"float16": ("f16", "__half"), "bfloat16": ("bf16", "__nv_bfloat16")}
 _LOG2E = math.log2(math.e)
 _COMBINE_THREADS = 256
 FWD_PARAMS = params_struct("flash/params.cuh", "cupy_paged::flash::FwdParams")
@@ -30,7 +29,7 @@ COMBINE_PARAMS = params_struct("flash/params.cuh", "cupy_paged::flash::CombinePa
 
 def fwd_name(dtype, tile):
     """e.g. flash_fwd_f16_h128_m64_n64_w4_s2_sm80: extern "C" symbol, cache file, test id."""
-    short = _DTYPES[dtype][0]
+    short = DTYPES[dtype].short
     keys = f"_k{tile.key_warps}" if tile.key_warps > 1 else ""
     swz = "_swz" if tile.swizzle else ""
     return (f"flash_fwd_{short}_h{tile.head}_m{tile.bm}_n{tile.bn}_w{tile.warps}{keys}"
@@ -38,7 +37,7 @@ def fwd_name(dtype, tile):
 
 
 def combine_name(dtype):
-    return f"flash_combine_{_DTYPES[dtype][0]}"
+    return f"flash_combine_{DTYPES[dtype].short}"
 
 
 @functools.cache
@@ -47,7 +46,7 @@ def _register_fwd(dtype, tile):
     if tile.smem_bytes > SMEM_LIMIT[tile.arch]:
         raise ValueError(f"{name}: {tile.smem_bytes} bytes of shared memory > the "
                          f"{tile.arch} class's {SMEM_LIMIT[tile.arch]}")
-    ctype = _DTYPES[dtype][1]
+    ctype = DTYPES[dtype].ctype
     limit = "kSmemSm80" if tile.arch == "sm80" else "kSmemSm86"
     traits = (f"cupy_paged::flash::Traits<{ctype}, {tile.head}, {tile.bm}, {tile.bn}, "
               f"{tile.warps}, {tile.stages}, cupy_paged::flash::{limit}, "
@@ -60,7 +59,7 @@ def _register_fwd(dtype, tile):
 
 @functools.cache
 def _register_combine(dtype):
-    name, ctype = combine_name(dtype), _DTYPES[dtype][1]
+    name, ctype = combine_name(dtype), DTYPES[dtype].ctype
     entry = entry_point(name, COMBINE_PARAMS, f"cupy_paged::flash::combine<{ctype}>(p);",
                         _COMBINE_THREADS)
     register(KernelSpec(name, "flash/flash.cu", entry, min_arch=80))
@@ -68,7 +67,7 @@ def _register_combine(dtype):
 
 
 def _check_dtype(dtype):
-    if dtype not in _DTYPES:
+    if dtype not in DTYPES:
         raise ValueError(f"the flash kernel runs float16 and bfloat16, got {dtype}")
 
 
@@ -81,8 +80,8 @@ def variant_name(problem, sm, tile=None):
 
 def all_variant_names(arch="sm80"):
     """Every forward instantiation of tile class ``arch`` and the combine kernels, registered."""
-    names = [_register_fwd(d, t) for d in _DTYPES for t in all_tiles(arch)]
-    return names + [_register_combine(d) for d in _DTYPES]
+    names = [_register_fwd(d, t) for d in DTYPES for t in all_tiles(arch)]
+    return names + [_register_combine(d) for d in DTYPES]
 
 
 def block_divisor(block_size):

@@ -78,11 +78,10 @@ def workspace_shape(problem, num_splits):
     return (num_splits, rows, problem.head_size), (num_splits, rows)
 
 
-# Programmatic launches (cuda_src/common/pdl.cuh) save GPU time at each kernel boundary
-# (H100, graph replay of a B = 8 decode step: 13.6 -> 10.5 us a call; decode 64 x 4096:
-# 0.3744 -> 0.3696 ms) but cost host time (the same decode step's Python loop: 37-38 -> 42-53
-# us a call, session 5): used only for calls whose GPU time clearly exceeds the host's.
-# CUPY_PAGED_OVERLAP_MIN_US overrides the threshold (0: every call).
+# Programmatic launches (cuda_src/common/pdl.cuh) save a few microseconds of GPU time at each
+# kernel boundary but cost host time per call (benchmarks/NOTES.md, session 5): used only for
+# calls whose GPU time clearly exceeds the host's. CUPY_PAGED_OVERLAP_MIN_US overrides the
+# threshold (0: every call).
 def _overlap_threshold(text):
     try:
         return float(text)

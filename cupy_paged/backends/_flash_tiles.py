@@ -82,22 +82,15 @@ def padded_head(head_size):
 def tile_for(head, rows_bound, arch):
     """Tile for padded head ``head`` when sequences have about ``rows_bound`` rows (q_len * G).
 
-    Decode (rows_bound <= 16): the key-split tile below (H200, fp16, H 128, bs 16,
-    benchmarks/tile_sweep.py: decode 64 x 4096 at 3784 GB/s = 89% of copy, against 3201 for
-    the row-split tile it replaced, 4 warps of 16 rows x 64 keys, 2 stages; 3631 for 2 stages,
-    2909 for 128 keys, 2869 for 4 stages). Short chunks: 4 warps of 16 rows, 64 keys a tile
-    (H100: 2715 GB/s for 32 keys x 4 stages, 2239 for 128 keys, 2130 for 3 stages). Prefill:
-    4 warps of 32 rows (each K/V fragment feeds two MMAs) and 64 keys a tile up to head 128
-    (H100, 8 x 2048 causal, session 2: 227 TFLOP/s, against 213 for 32 keys, 200 for 8 warps
-    of 16 rows, 197 for 64 rows, 133 for 64 rows x 128 keys; this tile gives 300 TFLOP/s on
-    the H200 since session 4), 32 keys above (and for head 128 on ~100 KB parts, where
-    64 keys do not fit). STAGES = 2: one K/V tile in flight while one
-    computes. Any tile is correct for any q_len: speed only.
-
-    Swizzled shared-memory rows wherever the head allows (64, 128, 256): with rows padded by
-    16 bytes every other cp.async row straddles sectors, and the L2 moved 1.5x the sectors
-    the data needs (H100, session 5: decode 64 x 4096 2734 -> 2885 GB/s, prefill 8 x 2048 at
-    block 16 0.912 -> 0.863 ms, for ~2 % more instructions in the prefill loop).
+    Decode (rows_bound <= 16): one 16-row fragment whose four warps split each 64-key tile,
+    so every warp multiplies keys rather than zero rows; 3 stages where two CTAs per SM still
+    fit. Short chunks (<= 64 rows) and heads above 128: 4 warps of 16 rows. Prefill: 4 warps
+    of 32 rows (each K/V fragment feeds two MMAs) on 64-key tiles up to head 128, 32 keys
+    above (and for head 128 on ~100 KB parts, where 64 keys do not fit); 2 stages, one K/V
+    tile in flight while one computes. Rows are swizzled wherever the head allows (64, 128,
+    256): padded rows straddle L2 sectors on every other cp.async. Each choice was the fastest
+    of the sweeps recorded in benchmarks/NOTES.md (sessions 2-5, H100 and H200). Any tile is
+    correct for any q_len: speed only.
     """
     small = arch == "sm86"
     swizzle = head in SWIZZLE_HEADS

@@ -9,6 +9,7 @@ import functools
 import os
 import struct
 import threading
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,8 +21,19 @@ THREADS = 256
 # grid-stride loops need no more blocks than one full wave.
 BLOCKS_PER_SM = 8
 
-# dtype -> (name suffix, C++ type, lowest SM)
-DTYPES = {"float16": ("f16", "__half", 50), "bfloat16": ("bf16", "__nv_bfloat16", 80)}
+class GpuDtype(NamedTuple):
+    """A 16-bit dtype the GPU kernels instantiate: variant-name suffix, CUDA type, CUTLASS
+    type, lowest SM."""
+
+    short: str
+    ctype: str
+    cutlass: str
+    min_sm: int
+
+
+# The one table of the kernels' dtypes.
+DTYPES = {"float16": GpuDtype("f16", "__half", "cutlass::half_t", 50),
+          "bfloat16": GpuDtype("bf16", "__nv_bfloat16", "cutlass::bfloat16_t", 80)}
 
 
 def register_per_dtype(prefix, source, params, call, min_blocks=None):
@@ -33,7 +45,7 @@ def register_per_dtype(prefix, source, params, call, min_blocks=None):
                             entry_point(f"{prefix}_{suffix}", params, call.format(T=ctype),
                                         THREADS, min_blocks),
                             min_arch=min_sm))
-        for suffix, ctype, min_sm in DTYPES.values())
+        for suffix, ctype, _, min_sm in DTYPES.values())
 
 
 _cuda = None    # cupy.cuda, bound by the first DirectLaunch (CuPy loads on first use)
@@ -114,11 +126,10 @@ def programmatic_supported(device_id):
 class DirectLaunch:
     """One kernel on fixed grid, block and shared memory, launched through the driver.
 
-    CuPy's ``RawKernel.__call__`` converts every argument on every launch (H200 host: 6.1 us
-    for one argument, 17.5 us for 27; a NumPy structured argument goes through NumPy's
-    descriptor machinery, ~10 us more). A launch here packs the call's device pointers into a
-    prepared ``ArgumentBlock`` and calls ``cuLaunchKernel`` on the current CuPy stream, so a
-    per-problem plan pays the conversions once. kernel: a ``cupy.RawKernel`` (kept alive) whose
+    CuPy's ``RawKernel.__call__`` converts every argument on every launch (its host time grows
+    with the argument count: benchmarks/NOTES.md). A launch here packs the call's device
+    pointers into a prepared ``ArgumentBlock`` and calls ``cuLaunchKernel`` on the current
+    CuPy stream, so a plan pays the conversions once. kernel: a ``cupy.RawKernel`` (kept alive) whose
     one parameter is the struct ``params`` (a ``_params.ParamsStruct``); packed: its (1,) NumPy
     mirror holding the scalars (``params.pack``); a launch supplies the pointer fields.
     Thread-safe: one lock covers filling the block and the launch (the driver copies the
@@ -182,7 +193,7 @@ def pointer(array):
 
 def variant(prefix, dtype):
     """The registered name of ``prefix`` for ``dtype`` ("float16" or "bfloat16")."""
-    return f"{prefix}_{DTYPES[dtype][0]}"
+    return f"{prefix}_{DTYPES[dtype].short}"
 
 
 def grid_size(items, device=None):

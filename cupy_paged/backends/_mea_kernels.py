@@ -14,12 +14,11 @@ import numpy
 
 from cupy_paged.jit import KernelSpec, register
 
-from ._launch import DirectLaunch
+from ._launch import DTYPES, DirectLaunch
 from ._params import entry_point, params_struct
 
 ARCH_TAGS = (50, 70, 75, 80)          # CUTLASS arch tags with an fMHA configuration
 ANY_HEAD = 1 << 16                    # kMaxK of the tile that streams the output via gmem
-_DTYPES = {"float16": ("f16", "cutlass::half_t"), "bfloat16": ("bf16", "cutlass::bfloat16_t")}
 _SOURCE = "mea/fmha_entry.cu"
 FMHA_PARAMS = params_struct("mea/params.cuh", "cupy_paged::mea::FmhaParams")
 
@@ -38,8 +37,8 @@ def tiles(tag: int) -> tuple:
     """(queries, keys, max_k) per block, in xformers'/PyTorch's forward dispatch order.
 
     Their generator instantiates, per arch, 64x64 (H <= 64), a 128-key single-value-iteration
-    tile (H <= 128; 64 query rows on Sm80, 32 below: "better perf with 64x128 on A100" --
-    161 vs 111 TFLOP/s for 64x64 on an H100 here) and 32x128 with unbounded H, whose partial
+    tile (H <= 128; 64 query rows on Sm80, 32 below: "better perf with 64x128 on A100", and
+    on the H100 too: benchmarks/NOTES.md) and 32x128 with unbounded H, whose partial
     output goes through a float32 workspace; the dispatcher takes the first with max_k >= H.
     """
     return ((64, 64, 64), (64 if tag >= 80 else 32, 128, 128), (32, 128, ANY_HEAD))
@@ -62,7 +61,7 @@ def variant_name(dtype, sm, head_size: int) -> str:
 
 def all_variant_names() -> list:
     """Every instantiation (f16 on each arch tag, bf16 on Sm80), registered; for precompiles."""
-    return [_register(dtype, tag, *tile) for dtype in _DTYPES for tag in ARCH_TAGS
+    return [_register(dtype, tag, *tile) for dtype in DTYPES for tag in ARCH_TAGS
             if dtype == "float16" or tag >= 80 for tile in tiles(tag)]
 
 
@@ -135,14 +134,14 @@ def fmha_launch(problem, device, sm, q_row_stride, max_seqlen_q, num_tokens, kv_
 
 def _dtype_name(dtype) -> str:
     name = getattr(dtype, "name", None) or str(dtype)
-    if name not in _DTYPES:
+    if name not in DTYPES:
         raise ValueError(f"dtype: the mea kernels run float16 or bfloat16, got {name}")
     return name
 
 
 @functools.cache
 def _register(dtype: str, tag: int, queries: int, keys: int, max_k: int) -> str:
-    short, ctype = _DTYPES[dtype]
+    short, ctype = DTYPES[dtype].short, DTYPES[dtype].cutlass
     if short == "bf16" and tag < 80:
         raise ValueError(f"dtype: bfloat16 needs the Sm80 kernels (sm_80 or newer), got Sm{tag}")
     name = f"mea_fwd_{short}_sm{tag}_q{queries}_k{keys}_h{max_k}"
