@@ -29,8 +29,8 @@ class AttentionStep:
         self.accum = _mea_kernels.workspace_elements(problem)
         self.bounded = problem.total_kv_tokens is not None or problem.max_seqlen_k is not None
         name = _mea_kernels.variant_name(problem.dtype, sm, problem.head_size)
-        self.facts = (Launch(_gather.gather_name(problem.dtype), (0,), (0,)),
-                      Launch(name, (0,), (0,)))
+        self.facts = (Launch(_gather.gather_name(problem.dtype), (), ()),  # sized per call
+                      Launch(name, (), ()))
 
     def __call__(self, call):
         import cupy

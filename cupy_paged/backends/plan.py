@@ -49,7 +49,8 @@ DEFAULT_OPTIONS = PlanOptions()
 @dataclass(frozen=True)
 class Launch:
     """One kernel launch of a plan, as facts: the variant, grid, block, dynamic shared memory
-    and whether it starts programmatically behind the kernel before it."""
+    and whether it starts programmatically behind the kernel before it. grid and block are
+    () for a launch sized per call (mea's, from the metadata's sizes)."""
 
     kernel: str
     grid: tuple
