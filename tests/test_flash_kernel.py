@@ -192,7 +192,7 @@ def test_flash_split_heuristic():
 
 
 def _kernel_tiles(cum, past, G, bm, bn, window, splits):
-    """NumPy model of fwd_kernel.cuh's index math: grid tile -> (b, row0, rows, splits' key
+    """NumPy model of flash/cta_tile.cuh's index math: grid tile -> (b, row0, rows, splits' key
     tile ranges, first/last row positions)."""
     B, T = len(past), int(cum[-1])
 

@@ -1,11 +1,16 @@
-// Element types of cupy_paged kernels: float32 conversions for __half, __nv_bfloat16 and float,
-// and Vec8, eight 16-bit elements moved as one 16-byte load/store (every row holds H channels
-// with H % 8 == 0, so a head's channels split into whole, 16-byte aligned chunks of 8).
+// Element types of cupy_paged kernels, the one place for their conversions: float32 to and from
+// __half, __nv_bfloat16 and float, pack2 (two floats into one register of 16-bit pairs), and
+// Vec8, eight 16-bit elements moved as one 16-byte load/store (every row holds H channels with
+// H % 8 == 0, so a head's channels split into whole, 16-byte aligned chunks of 8).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 namespace cupy_paged {
+
+// Whether T is __nv_bfloat16 (NVRTC has no <type_traits>).
+template <typename T> struct IsBf16 { static constexpr bool value = false; };
+template <> struct IsBf16<__nv_bfloat16> { static constexpr bool value = true; };
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
@@ -19,6 +24,18 @@ template <> __device__ __forceinline__ __half from_float<__half>(float x) {
 }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);
+}
+
+// Two floats -> one 32-bit register of two 16-bit values (round-to-nearest-even), lo in the low
+// half: the layout of an MMA fragment register and of two adjacent channels in memory.
+template <typename T> __device__ __forceinline__ unsigned pack2(float lo, float hi);
+template <> __device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
+  __half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+template <> __device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
+  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
 }
 
 // Eight 16-bit elements in one 16-byte register quad. load/store need 16-byte aligned

@@ -5,21 +5,28 @@
 
 namespace cupy_paged {
 
-// The b in [0, batch) with starts[b] <= row < starts[b+1]; starts is non-decreasing with
-// starts[0] <= row < starts[batch]. Invariant: starts[lo] <= row < starts[hi]; when hi = lo + 1
-// the sequence lo holds row, so it is not empty. ceil(log2(B)) loads, all cached after the first
-// warp. On an unvalidated array it still returns some b in [0, batch): never an index outside it.
-__device__ __forceinline__ int sequence_of_row(const int* starts, int batch, long long row) {
+// The b in [0, batch) with start(b) <= x < start(b + 1), for a non-decreasing start(.) with
+// start(0) <= x < start(batch) (start(batch) is never evaluated). Invariant: start(lo) <= x <
+// start(hi); when hi = lo + 1 the sequence lo holds x, so it is not empty. ceil(log2(B))
+// evaluations. For any start(.) it still returns some b in [0, batch): never an index outside.
+template <class Start>
+__device__ __forceinline__ int search_sequence(int batch, long long x, Start start) {
   int lo = 0, hi = batch;
   while (hi - lo > 1) {
     const int mid = lo + (hi - lo) / 2;
-    if (starts[mid] <= row) {
+    if (start(mid) <= x) {
       lo = mid;
     } else {
       hi = mid;
     }
   }
   return lo;
+}
+
+// The b with starts[b] <= row < starts[b+1] of a prefix array; its loads are all cached after
+// the first warp.
+__device__ __forceinline__ int sequence_of_row(const int* starts, int batch, long long row) {
+  return search_sequence(batch, row, [starts](int b) { return starts[b]; });
 }
 
 // sequence_of_row, trying sequence `guess` first (two loads, issued together): for a guess of

@@ -1,9 +1,10 @@
 // Split-KV merge (flash-decoding's second pass): out = sum_s w_s O_s with w_s proportional to
-// 2^lse_s, in a fixed split order (deterministic, no atomics). A row no split saw is 0.
+// 2^lse_s, in a fixed split order (deterministic, no atomics): a merge of normalised partial
+// states (common/softmax_state.cuh). A row no split saw is 0.
 #pragma once
+#include "common/dtypes.cuh"
 #include "common/pdl.cuh"
-#include "flash/mma.cuh"
-#include "flash/online_softmax.cuh"
+#include "common/softmax_state.cuh"
 #include "flash/params.cuh"
 
 namespace cupy_paged {
@@ -30,7 +31,7 @@ __device__ __forceinline__ void combine(const CombineParams& p) {
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const long long row = i / quads;
     const int c = static_cast<int>(i - row * quads) * 4;
-    float mx = neg_inf();
+    float mx = softmax::neg_inf();
     bool poisoned = false;
     for (int s = 0; s < num_splits; ++s) {
       const float lse = partial_lse[s * static_cast<long long>(rows) + row];
@@ -39,10 +40,10 @@ __device__ __forceinline__ void combine(const CombineParams& p) {
     }
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     float wsum = 0.0f;
-    if (mx != neg_inf()) {
+    if (mx != softmax::neg_inf()) {  // else every weight is 0: no split saw a key
       for (int s = 0; s < num_splits; ++s) {
         const long long r = s * static_cast<long long>(rows) + row;
-        const float w = fast_exp2(partial_lse[r] - mx);
+        const float w = softmax::merge_weight(partial_lse[r], mx);
         const float4 v = *reinterpret_cast<const float4*>(partial_o + r * head_size + c);
         wsum += w;
         acc[0] += w * v.x;
@@ -51,7 +52,7 @@ __device__ __forceinline__ void combine(const CombineParams& p) {
         acc[3] += w * v.w;
       }
     }
-    float inv = wsum > 0.0f ? 1.0f / wsum : 0.0f;
+    float inv = softmax::inv_sum(wsum);
     if (poisoned) inv = __int_as_float(0x7fc00000);  // NaN
     uint2 packed;
     packed.x = pack2<T>(acc[0] * inv, acc[1] * inv);

@@ -1,9 +1,9 @@
 // Warp-level building blocks of the flash kernel (sm80+): 16-byte cp.async with zero-fill,
-// ldmatrix (plain and transposed), mma.sync m16n8k16 with fp32 accumulators in fp16 or bf16,
-// and the fp32 -> 16-bit pair packing that turns score accumulators into A fragments.
+// ldmatrix (plain and transposed), mma.sync m16n8k16 with fp32 accumulators in fp16 or bf16.
+// The fp32 -> 16-bit pair packing that turns accumulators into A fragments is common/dtypes.cuh's
+// pack2.
 #pragma once
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "common/dtypes.cuh"
 
 namespace cupy_paged {
 namespace flash {
@@ -43,53 +43,24 @@ __device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], unsigned add
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
 }
 
-// d (16x8 fp32) += a (16x16, row-major) * b (16x8, column-major).
+// d (16x8 fp32) += a (16x16, row-major) * b (16x8, column-major); T: __half or __nv_bfloat16
+// (one PTX string, its input type spliced in).
+#define CUPY_PAGED_MMA_16816(AB)                                                                \
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." AB "." AB                              \
+               ".f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"        \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])                                 \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1))
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
-                                          unsigned b1);
-
-template <>
-__device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const unsigned (&a)[4],
-                                                  unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+                                          unsigned b1) {
+  static_assert(sizeof(T) == 2, "fp16 / bf16 inputs");
+  if constexpr (IsBf16<T>::value) {
+    CUPY_PAGED_MMA_16816("bf16");
+  } else {
+    CUPY_PAGED_MMA_16816("f16");
+  }
 }
-
-template <>
-__device__ __forceinline__ void mma_16816<__nv_bfloat16>(float (&d)[4], const unsigned (&a)[4],
-                                                         unsigned b0, unsigned b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
-      "{%8, %9}, {%0, %1, %2, %3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats -> one register of two 16-bit values, lo in the low half (the lower column).
-template <typename T>
-__device__ __forceinline__ unsigned pack2(float lo, float hi);
-
-template <>
-__device__ __forceinline__ unsigned pack2<__half>(float lo, float hi) {
-  __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-
-template <>
-__device__ __forceinline__ unsigned pack2<__nv_bfloat16>(float lo, float hi) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-
-// 2^x by the special-function unit (max relative error 2^-22); ex2(-inf) = +0.
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
-  return y;
-}
+#undef CUPY_PAGED_MMA_16816
 
 }  // namespace flash
 }  // namespace cupy_paged

@@ -2,39 +2,17 @@
 // rows, and K/V tiles read straight from the paged cache, each key row resolved through the
 // block table one tile ahead (any block_size >= 1).
 #pragma once
+#include "common/paged_kv.cuh"
 #include "flash/mma.cuh"
 #include "flash/smem_layout.cuh"
 
 namespace cupy_paged {
 namespace flash {
 
-// n / d and n % d for 0 <= n < 2^31 and a runtime d >= 1: shifts for powers of two, otherwise
-// Granlund-Montgomery: q = umulhi(n, m) >> s with p = 31 + ceil(log2 d), m = ceil(2^p / d),
-// s = p - 32 (exact for n < 2^31; the host computes m and s, cupy_paged/backends/_flash_kernels).
-struct BlockDiv {
-  int size;      // block_size
-  int shift;     // log2(block_size) if a power of two, else -1
-  unsigned magic;
-  int magic_shift;
-
-  __device__ __forceinline__ int div(int n) const {
-    return shift >= 0 ? (n >> shift)
-                      : static_cast<int>(__umulhi(static_cast<unsigned>(n), magic) >> magic_shift);
-  }
-};
-
-// One sequence's keys and values for one kv head, seen through the paged cache.
-template <typename T>
-struct PagedSeq {
-  const T* key_cache;     // (num_blocks, block_size, Nkv, H) advanced to channel 0 of head kvh
-  const T* value_cache;   // (num_blocks, block_size, Nkv, H) advanced likewise
-  const int* table_row;   // block_table[b], (max_blocks,)
-  int token_stride;       // Nkv * H elements between consecutive slots of a block (< 2^31)
-  int kv_len;             // past + q_len: keys at positions >= kv_len are never read
-  int max_blocks;
-  int num_blocks;
-  BlockDiv blocks;
-};
+// One sequence's keys and values for one kv head (common/paged_kv.cuh): block_table is the
+// sequence's row, the caches start at the head's channel 0.
+template <class Tr>
+using KeyView = PagedKV<const typename Tr::T>;
 
 // (token j, head g) = divmod(row, G) of the rows row, row + step, row + 2 step, ... that one
 // thread visits, kept with adds instead of a division per row (two divisions in all).
@@ -117,32 +95,30 @@ struct KeyRowOffsets {
   int block[PER_THREAD];  // block_table entry, or -1 when the key is not loadable
   int slot[PER_THREAD];   // the key's slot in its block
 
-  __device__ __forceinline__ void look_up(const PagedSeq<typename Tr::T>& seq, int k0, int tid) {
+  __device__ __forceinline__ void look_up(const KeyView<Tr>& kv, int kv_len, int k0, int tid) {
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
       const int r = tid + i * Tr::THREADS;
       const int pos = k0 + r;
       block[i] = -1;
       slot[i] = 0;
-      if (r < Tr::BN && pos >= 0 && pos < seq.kv_len) {
-        const int column = seq.blocks.div(pos);
-        if (column < seq.max_blocks) {
-          block[i] = seq.table_row[column];
-          slot[i] = pos - column * seq.blocks.size;
+      if (r < Tr::BN && pos >= 0 && pos < kv_len) {
+        const int column = kv.blocks.div(pos);
+        if (column < kv.max_blocks) {
+          block[i] = kv.block_table[column];
+          slot[i] = pos - column * kv.blocks.size;
         }
       }
     }
   }
-  __device__ __forceinline__ void store(const PagedSeq<typename Tr::T>& seq,
+  __device__ __forceinline__ void store(const KeyView<Tr>& kv,
                                         const SideColumn<long long> pads, int tid) const {
 #pragma unroll
     for (int i = 0; i < PER_THREAD; ++i) {
       const int r = tid + i * Tr::THREADS;
       if (r < Tr::BN) {
-        const bool ok = block[i] >= 0 && block[i] < seq.num_blocks;
-        pads[r] = ok ? (static_cast<long long>(block[i]) * seq.blocks.size + slot[i]) *
-                           seq.token_stride * static_cast<long long>(sizeof(typename Tr::T))
-                     : kNotLoadable;
+        constexpr long long kBytes = sizeof(typename Tr::T);
+        pads[r] = kv.mapped(block[i]) ? kv.offset(block[i], slot[i]) * kBytes : kNotLoadable;
       }
     }
   }
@@ -161,7 +137,7 @@ template <class Tr>
 __device__ __forceinline__ bool load_kv_tile(unsigned sK, unsigned sV,
                                              const SideColumn<long long> sOff,
                                              const SideColumn<int> flags,
-                                             const PagedSeq<typename Tr::T>& seq,
+                                             const KeyView<Tr>& kv,
                                              int head_size, int tid) {
   using CR = ChunkRows<Tr, Tr::BN>;
   const CR cr(tid);
@@ -170,8 +146,8 @@ __device__ __forceinline__ bool load_kv_tile(unsigned sK, unsigned sV,
   long long off[CR::PASSES];  // bytes; kNotLoadable: not loadable
 #pragma unroll
   for (int i = 0; i < CR::PASSES; ++i) off[i] = cr.has(i) ? sOff[cr.row(i)] : 0;
-  const char* k_src = reinterpret_cast<const char*>(seq.key_cache) + cr.c * 16;
-  const char* v_src = reinterpret_cast<const char*>(seq.value_cache) + cr.c * 16;
+  const char* k_src = reinterpret_cast<const char*>(kv.key_cache) + cr.c * 16;
+  const char* v_src = reinterpret_cast<const char*>(kv.value_cache) + cr.c * 16;
   using L = typename Tr::Layout;
   const int at = L::at(cr.r_first, cr.c);
   const unsigned k_dst = sK + at, v_dst = sV + at;

@@ -3,14 +3,18 @@
 // rows each, STAGES shared-memory buffers of K/V tiles, all inside the arch's shared memory.
 // SWIZZLE: the tiles' rows in shared memory are swizzled rather than padded (smem_layout.cuh).
 #pragma once
+#include "common/arch.cuh"
+#include "flash/mma.cuh"
 #include "flash/smem_layout.cuh"
 
 namespace cupy_paged {
 namespace flash {
 
-// Opt-in dynamic shared memory per block (bytes): sm80/sm87/sm90 class and sm86/sm89 class.
-constexpr int kSmemSm80 = 166912;  // 163 KB
-constexpr int kSmemSm86 = 101376;  // 99 KB
+// The shared-memory limit of each tile class (common/arch.cuh): its smallest SM's opt-in
+// maximum per block. sm80: sm80/87/90/100/103; sm86: sm86/89/120/121.
+constexpr int kSmemSm80 = arch::info(80).smem_per_block;
+constexpr int kSmemSm86 = arch::info(86).smem_per_block;
+static_assert(arch::info(80).cp_async && arch::info(80).mma_k == 16, "cp.async, m16n8k16");
 
 //
 // KEY_WARPS > 1 (decode tiles): the warps form WARPS / KEY_WARPS row groups of KEY_WARPS warps;
@@ -60,6 +64,23 @@ struct Traits {
   static_assert(!SWIZZLE_ || (CHUNKS & (CHUNKS - 1)) == 0, "swizzled rows: CHUNKS a power of 2");
   static_assert(Q_BYTES % 128 == 0 && KV_BYTES % 128 == 0, "tiles start on 128-byte lines");
   static_assert(SMEM_BYTES <= SMEM_LIMIT_, "tile does not fit the arch's shared memory");
+};
+
+// A CTA's dynamic shared memory (Traits::SMEM_BYTES, 128-byte aligned: the swizzled layout's
+// address arithmetic needs whole lines): the Q tile (reused to stage the output), STAGES K and
+// STAGES V tiles (reused by the key-warp merge), and the key side data of the swizzled layout.
+template <class Tr>
+struct FwdSmem {
+  unsigned char *q, *k, *v, *side;
+  unsigned q_addr, k_addr, v_addr;  // shared-space addresses of q, k, v
+  __device__ __forceinline__ explicit FwdSmem(unsigned char* base)
+      : q(base),
+        k(base + Tr::Q_BYTES),
+        v(k + Tr::STAGES * Tr::KV_BYTES),
+        side(v + Tr::STAGES * Tr::KV_BYTES),
+        q_addr(smem_addr(q)),
+        k_addr(smem_addr(k)),
+        v_addr(smem_addr(v)) {}
 };
 
 }  // namespace flash

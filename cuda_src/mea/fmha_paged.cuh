@@ -1,7 +1,7 @@
 // Paged-KV fMHA forward: one thread block per (query tile, query head, sequence) runs CUTLASS's
 // fMHA GEMMs and epilogues (the nested types of upstream AttentionKernel) over just the key tiles
 // its rows can see, with GQA head mapping, bottom-right causal, sliding window, unmapped-block
-// masks and logit softcap; see shared/spec/semantics.md for the contract.
+// masks and logit softcap; see docs/semantics.md for the contract.
 #pragma once
 #include "mea/fmha_prelude.cuh"
 #include "mea/fmha_paged_epilogue.cuh"
@@ -10,7 +10,7 @@
 namespace cupy_paged {
 namespace mea {
 
-// The entry point's arguments, in the notation of shared/spec/semantics.md.
+// The entry point's arguments, in the notation of docs/semantics.md.
 template <typename scalar_t>
 struct PagedFmhaArgs {
   const scalar_t* q;        // (T, N, H) rows, row stride q_row_stride elements
@@ -122,7 +122,7 @@ struct PagedFmha {
     Softmax::init_rows(s, thread);
     Output out;
     out.clear();
-    const ScoreMap map = ScoreMap::make(a.scale, a.softcap);
+    const ScoreTransform map = ScoreTransform::make(a.scale, a.softcap);
     const int q_rows = min(kQ, blk.rows);
     // The block-table flags of each key tile are looked up one tile ahead (the load's latency
     // hides behind the Q.K^T GEMM), and a CTA-wide AND says whether a tile has an unmapped

@@ -1,11 +1,17 @@
 // One key tile of the paged fMHA's online softmax: turn raw q.k dot products into masked log2
-// logits (scale, optional softcap, causal/window/unmapped masks), then fold them into the
-// running (max, sum) rows kept in shared memory, so that a row which saw no key stays at sum 0.
+// logits (common/score_transform.cuh, common/visibility.cuh, unmapped-block masks), then fold
+// them into the running (max, sum) rows kept in shared memory with common/softmax_state.cuh's
+// rules, so that a row which saw no key stays at sum 0.
 #pragma once
+#include "common/score_transform.cuh"
+#include "common/softmax_state.cuh"
+#include "common/visibility.cuh"
 #include "mea/fmha_prelude.cuh"
 
 namespace cupy_paged {
 namespace mea {
+
+using softmax::neg_inf;
 
 // Max of a float in shared memory, by integer atomics. Non-negative floats order like signed
 // ints; negative ones order like unsigned ints in reverse. Branching on the sign bit (not on
@@ -18,38 +24,20 @@ __device__ __forceinline__ void atomic_max_float(float* addr, float value) {
   }
 }
 
-// Where the visible keys of a score tile lie, in the tile's own column numbers.
-// Row m (of the query tile) sees columns [m + last_shift - window + 1, m + last_shift] (the
-// lower bound only when window > 0), and only columns whose key_ok flag is set (key inside
-// the sequence and its block mapped).
+// Where the visible keys of a score tile lie, in the tile's own column numbers: row m (of the
+// query tile) has the position of column m + last_shift (common/visibility.cuh's rule), and
+// sees only columns whose key_ok flag is set (key inside the sequence and its block mapped).
 struct TileMask {
   int last_shift;       // kv_len - q_len + query_start - key_tile_start
   int window;           // W > 0: sliding window of W keys; <= 0: none
   const bool* key_ok;   // (kKeysPerBlock,) in shared memory; null: every key of the tile is usable
 
-  // Whether every column of a (rows x cols) tile is visible to every row: no unmapped key,
-  // row 0 sees column cols - 1 (causal), and row rows - 1 still sees column 0 (window).
-  // Then the tile needs no per-element mask (most key tiles of a long prefill).
+  // Whether every column of a (rows x cols) tile is visible to every row: no unmapped key, and
+  // the columns fully visible from the rows' positions. Then the tile needs no per-element mask
+  // (most key tiles of a long prefill).
   __device__ __forceinline__ bool covers_tile(int rows, int cols) const {
-    return key_ok == nullptr && last_shift >= cols - 1 &&
-           (window <= 0 || rows - 1 + last_shift - window + 1 <= 0);
-  }
-};
-
-// Score transform, constant over the launch. Logits are kept in base 2 (exp2f is one
-// instruction), so log2(e) is folded into the factors here.
-struct ScoreMap {
-  float qk_factor;      // scale * log2e without softcap; scale / softcap with it
-  float cap_log2;       // softcap * log2e (softcap > 0 only)
-  bool capped;
-
-  __device__ __forceinline__ static ScoreMap make(float scale, float softcap) {
-    constexpr float kLog2e = 1.4426950408889634f;
-    ScoreMap m;
-    m.capped = softcap > 0.f;
-    m.qk_factor = m.capped ? scale / softcap : scale * kLog2e;
-    m.cap_log2 = m.capped ? softcap * kLog2e : 0.f;
-    return m;
+    return key_ok == nullptr && !partly_hidden(0, cols - 1, last_shift, rows - 1 + last_shift,
+                                               window);
   }
 };
 
@@ -75,9 +63,7 @@ struct OnlineSoftmaxTile {
   static_assert(kRows % AK::kNumWarpsPerBlock == 0, "each warp owns whole rows of the tile");
   static_assert(kRows <= AK::kNumThreads, "one thread per row initialises the row state");
 
-  __device__ __forceinline__ static accum_t neg_inf() {
-    return -cutlass::platform::numeric_limits<accum_t>::infinity();
-  }
+  static_assert(sizeof(accum_t) == 4, "float accumulators: common/softmax_state.cuh's math");
 
   // Before the first tile: nothing seen, nothing to rescale.
   __device__ static void init_rows(typename AK::SharedStorage& s, int thread) {
@@ -94,24 +80,20 @@ struct OnlineSoftmaxTile {
   // (TileMask::covers_tile), and the per-element mask tests are left out.
   template <bool kCapped, bool kMasked>
   __device__ __forceinline__ static void logits_and_max(
-      Scores& scores, cutlass::MatrixCoord lane_offset, ScoreMap map, TileMask mask,
+      Scores& scores, cutlass::MatrixCoord lane_offset, ScoreTransform map, TileMask mask,
       typename AK::SharedStorage& s, int lane) {
-    int last = 0, first = 0;
+    VisibleColumns cols(0, 0, 0);
     accum_t row_max = neg_inf();
     Iter::iterateRows(
         lane_offset,
         [&](int m) {
-          last = m + mask.last_shift;
-          first = mask.window > 0 ? last - mask.window + 1 : 0;
+          cols = VisibleColumns(m + mask.last_shift, 0, mask.window);
           row_max = neg_inf();
         },
         [&](int m, int n, int idx) {
           accum_t x = neg_inf();
-          if (!kMasked ||
-              (n >= first && n <= last && (mask.key_ok == nullptr || mask.key_ok[n]))) {
-            // scale first, then cap: softcap * tanh(scale * qk / softcap)
-            x = kCapped ? map.cap_log2 * tanhf(scores[idx] * map.qk_factor)
-                        : scores[idx] * map.qk_factor;
+          if (!kMasked || (cols.contains(n) && (mask.key_ok == nullptr || mask.key_ok[n]))) {
+            x = kCapped ? map.softcapped(scores[idx]) : map.plain(scores[idx]);
           }
           scores[idx] = x;
           row_max = cutlass::fast_max(row_max, x);
@@ -126,13 +108,14 @@ struct OnlineSoftmaxTile {
   }
 
   // After logits_and_max and a __syncthreads: one thread per row computes how much the old
-  // sum and output shrink now that the max grew (exp2(-inf) = 0 covers "nothing seen before").
+  // sum and output shrink now that the max grew. The max is exact (shared-memory atomics),
+  // not lazy: every growth rescales.
   __device__ __forceinline__ static void rescale_factors(typename AK::SharedStorage& s, int lane,
                                                          int warp) {
     if (lane < kRowsPerWarp) {
       int r = warp * kRowsPerWarp + lane;
       accum_t old_max = s.m_prime[r], new_max = s.mi[r];
-      accum_t factor = old_max < new_max ? exp2f(old_max - new_max) : accum_t(1);
+      accum_t factor = old_max < new_max ? softmax::rescale_factor(old_max, new_max) : accum_t(1);
       s.out_rescale[r] = factor;
       s.s_prime[r] *= factor;
     }
@@ -156,13 +139,11 @@ struct OnlineSoftmaxTile {
     Iter::iterateRows(
         lane_offset,
         [&](int m) {
-          // a row with no visible key so far keeps max -inf; subtract 0 instead so that its
-          // -inf logits give exp2(-inf) = 0, never exp2(-inf - -inf) = NaN
-          ref = s.mi[m] == neg_inf() ? accum_t(0) : s.mi[m];
+          ref = softmax::exponent_offset(s.mi[m]);
           sum = 0;
         },
         [&](int m, int n, int idx) {
-          scores[idx] = exp2f(scores[idx] - ref);
+          scores[idx] = fast_exp2(scores[idx] - ref);
           sum += scores[idx];
         },
         [&](int m) {
@@ -173,7 +154,8 @@ struct OnlineSoftmaxTile {
   }
 
   // After exponentiate and a __syncthreads: one thread per row adds the tile's sum. On the
-  // last tile a row that saw no key gets sum 1, so the epilogue's 1/sum writes its 0 output.
+  // last tile the sum becomes the epilogue's divisor (1 for a row that saw no key: its output
+  // is 0).
   __device__ __forceinline__ static void fold_sums(typename AK::SharedStorage& s, int lane,
                                                    int warp, bool last_tile) {
     if (lane < kRowsPerWarp) {
@@ -183,7 +165,7 @@ struct OnlineSoftmaxTile {
       for (int i = 0; i < kWarpsN; ++i) {
         total += s.addition_storage[r + kRows * i];
       }
-      s.s_prime[r] = (last_tile && total == accum_t(0)) ? accum_t(1) : total;
+      s.s_prime[r] = last_tile ? softmax::divisor(total) : total;
       s.m_prime[r] = s.mi[r];
     }
   }

@@ -36,11 +36,11 @@ __device__ __forceinline__ void gather_kv(const GatherParams& p) {
             block_size = p.block_size, num_blocks = p.num_blocks, max_blocks = p.max_blocks,
             rows_bound = p.rows_bound;
   if (batch <= 0 || guard::batch_faulted(fault, batch)) return;
-  const PagedKV<const T> kv{key_cache, value_cache, block_table, num_blocks, block_size,
-                            kv_heads, head_size, max_blocks};
+  const PagedKV<const T> kv{key_cache, value_cache, block_table, num_blocks, max_blocks,
+                            kv_heads * head_size, BlockDiv::of(block_size)};
   const int total = seqstart_k[batch];
   const long long rows = total < rows_bound ? (total > 0 ? total : 0) : rows_bound;
-  const long long row_chunks = kv.slot_elems() / 8;
+  const long long row_chunks = kv.token_stride / 8;
   const long long items = rows * row_chunks;
   SequenceCursor seq(seqstart_k, batch);
 
@@ -51,7 +51,7 @@ __device__ __forceinline__ void gather_kv(const GatherParams& p) {
     const int b = seq.seek(row);
     if (guard::sequence_faulted(fault, b)) continue;
     const long long slot = kv.slot(b, row - seq.begin);
-    const long long dst = row * kv.slot_elems() + c0;
+    const long long dst = row * kv.token_stride + c0;
     if (slot < 0) {  // unmapped: the attention kernel masks it; never read the cache there
       Vec8<T>::zero().store(k_packed + dst);
       Vec8<T>::zero().store(v_packed + dst);

@@ -64,8 +64,8 @@ __device__ __forceinline__ void run(const PrologueParams& p) {
     pdl::wait();
     return;
   }
-  const PagedKV<T> kv{key_cache, value_cache, block_table, num_blocks, block_size, kv_heads,
-                      head_size, max_blocks};
+  const PagedKV<T> kv{key_cache, value_cache, block_table, num_blocks, max_blocks,
+                      kv_heads * head_size, BlockDiv::of(block_size)};
   const int chunks = head_size / 8;
   const int q_heads = write_q ? num_heads : 0;
   const int slots = q_heads + 2 * kv_heads;

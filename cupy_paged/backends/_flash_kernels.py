@@ -85,7 +85,7 @@ def all_variant_names(arch="sm80"):
 
 
 def block_divisor(block_size):
-    """(block_size, shift, magic, magic_shift) of cuda_src/common/paged_kv.cuh BlockDiv:
+    """(block_size, shift, magic, magic_shift) of cuda_src/common/paged_kv.cuh's BlockDiv:
     shift = log2 for powers of two, else q = umulhi(n, magic) >> magic_shift for n < 2^31."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from . import _arch
+
 # Instantiated (padded) head sizes; H % 8 == 0 pads up to the next one (32, 40 -> 64).
 HEAD_SIZES = (64, 80, 96, 128, 160, 192, 256)
 # Padded heads whose rows can be swizzled: whole 128-byte lines and a power-of-two chunk count.
 SWIZZLE_HEADS = (64, 128, 256)
-# Opt-in dynamic shared memory per block (bytes) of each tile class (cuda_src/flash/traits.cuh).
-SMEM_LIMIT = {"sm80": 166912, "sm86": 101376}
-_SMALL_SMEM_SMS = frozenset({86, 89, 120, 121})  # ~100 KB per block: the sm86 tile class
-# Shared memory per SM (bytes), for the occupancy estimate of the split heuristic.
-_SMEM_PER_SM = {80: 167936, 86: 102400, 87: 167936, 89: 102400, 90: 233472, 100: 233472,
-                103: 233472, 120: 102400, 121: 102400}
+# Opt-in dynamic shared memory per block (bytes) of each tile class: the arch table's sm80 and
+# sm86 entries (cuda_src/common/arch.cuh; flash/traits.cuh's kSmemSm80 / kSmemSm86).
+SMEM_LIMIT = {"sm80": _arch.info(80).smem_per_block, "sm86": _arch.info(86).smem_per_block}
 
 
 @dataclass(frozen=True)
@@ -62,13 +61,17 @@ class Tile:
 
 
 def arch_class(sm):
-    """The tile class of compute capability ``sm`` (e.g. 90): "sm86" for ~100 KB parts."""
-    return "sm86" if int(sm) in _SMALL_SMEM_SMS else "sm80"
+    """The tile class of compute capability ``sm`` (e.g. 90, sm80 or newer): "sm86" for parts
+    whose shared memory per block is below the sm80 class's (~100 KB), else "sm80"."""
+    entry = _arch.info(sm)
+    small = entry is not None and entry.sm >= 80 and entry.smem_per_block < SMEM_LIMIT["sm80"]
+    return "sm86" if small else "sm80"
 
 
 def smem_per_sm(sm):
     """Shared memory per SM (bytes) of compute capability ``sm`` (100 KB when unknown)."""
-    return _SMEM_PER_SM.get(int(sm), 102400)
+    entry = _arch.info(sm)
+    return 102400 if entry is None else entry.smem_per_sm
 
 
 def padded_head(head_size):
