@@ -91,7 +91,7 @@ def skip_unless_sm(dtype):
     import cupy
 
     sm = int(cupy.cuda.Device().compute_capability)
-    need = _launch.DTYPES[dtype][2]
+    need = _launch.DTYPES[dtype].min_sm
     if sm < need:
         pytest.skip(f"{dtype} kernels need sm{need}, this GPU is sm{sm}")
 
