@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import logging
 import multiprocessing
 import numbers
@@ -104,7 +105,7 @@ def needed_variants(dtypes=None, head_sizes=None, num_heads=None, kv_num_heads=N
                 for block in blocks:
                     problem = representative_problem(dtype, head, n, nkv, block)
                     for backend in GPU_BACKENDS:
-                        why = backends.BACKENDS[backend].capabilities.reasons(problem, "cupy", sm)
+                        why = _target_reasons(backend, problem, sm)
                         if why:
                             key = (backend, dtype, arch, "; ".join(why))
                             skipped.setdefault(key, {})[head] = None
@@ -118,6 +119,17 @@ def needed_variants(dtypes=None, head_sizes=None, num_heads=None, kv_num_heads=N
             what += f" head_size {', '.join(map(str, skipped_heads))}"
         out_skipped.append(Skipped(what, arch, reason))
     return list(names), out_skipped
+
+
+def _target_reasons(backend, problem, sm):
+    """Why ``backend`` cannot run ``problem`` on SM ``sm``, worded for a target arch (it need
+    not be this machine's GPU)."""
+    caps = backends.BACKENDS[backend].capabilities
+    why = caps.reasons(problem, "cupy", None)  # the reasons that do not depend on the SM
+    need = caps.dtype_min_sm.get(problem.dtype)
+    if need is not None and sm < need:
+        why.insert(0, f"{problem.dtype} needs sm_{need} or newer")
+    return why
 
 
 def backend_variants(backend, problem, sm):
@@ -189,16 +201,18 @@ def check_arch(arch):
 
 def gpu_archs():
     """The distinct archs of the visible GPUs; ToolchainError saying to pass ``arch`` if none."""
+    sms, error = [], None
     try:
         import cupy
         count = cupy.cuda.runtime.getDeviceCount()
         sms = [cupy.cuda.Device(i).compute_capability for i in range(count)]
     except Exception as exc:  # ImportError, or CUDARuntimeError without a driver or device
-        raise ToolchainError(f"no GPU to build for ({exc}): pass arch= (--arch sm_80 ...) "
-                             "to build for a GPU that is not here") from None
+        error = exc
     if not sms:
-        raise ToolchainError("no GPU to build for (CUDA reports no devices): pass arch= "
-                             "(--arch sm_80 ...) to build for a GPU that is not here")
+        from .info import gpu_unavailable   # info imports this module
+
+        raise ToolchainError(f"nothing to build for here ({gpu_unavailable(error)}): pass "
+                             "arch= (--arch sm_80 ...) to build for a GPU that is not here")
     return list(dict.fromkeys(f"sm_{sm}" for sm in sms))
 
 
@@ -267,7 +281,11 @@ def check_archs(arch):
 def buildable_variants(names):
     """([(KernelSpec, arch), ...] this toolchain can build, [Skipped, ...] it cannot): an arch
     NVRTC does not support (NVRTC 13 dropped sm_70) is skipped whole, with one sentence;
-    ToolchainError when NVRTC or the CUDA headers are missing."""
+    ToolchainError when CuPy (through which NVRTC is reached), NVRTC or the CUDA headers are
+    missing."""
+    if importlib.util.find_spec("cupy") is None:
+        raise ToolchainError("CuPy is not installed (no module named 'cupy'); NVRTC is "
+                             "reached through it: pip install cupy-cuda12x (or cupy-cuda13x)")
     tc = find_toolchain()
     supported = nvrtc_archs()
     out, skipped = [], {}

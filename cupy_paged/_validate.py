@@ -3,7 +3,9 @@
 ``check_arguments`` looks at shapes, dtypes, ranks, contiguity and attribute values (host-known
 facts, no device access) and returns the ``Problem`` every later stage reads.
 ``check_metadata`` looks at the values of the metadata arrays (NumPy copies of them).
-Dtype and array-kind faults raise TypeError; everything else ValueError.
+``check_buffers`` looks at the memory itself, on every call: the arrays the call writes must be
+writable and share no memory with any other argument. All of them run before anything is
+written. Dtype, flag and array-kind faults raise TypeError; everything else ValueError.
 """
 from __future__ import annotations
 
@@ -91,8 +93,10 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
     scale = _finite("scale", scale)
     if scale < 0:
         raise ValueError(f"scale: expected >= 0 (0 means 1/sqrt(head_size)), got {scale}")
-    softcap = _finite("softcap", softcap)
-    window = _integer("local_window_size", local_window_size)
+    softcap = _finite("softcap", softcap)            # <= 0: off, as in ORT
+    window = _integer("local_window_size", local_window_size)  # <= 0: off, as in ORT
+    do_rotary = _flag("do_rotary", do_rotary)
+    rotary_interleaved = _flag("rotary_interleaved", rotary_interleaved)
 
     for name, array in a.items():
         if array is not None and not array.flags.c_contiguous:
@@ -129,7 +133,7 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
         head_size=head_size, block_size=block_size, num_blocks=num_blocks,
         max_blocks=int(a["block_table"].shape[1]), packed=packed, dtype=dtype,
         scale=scale if scale > 0 else 1.0 / math.sqrt(head_size), softcap=softcap,
-        window=window, do_rotary=bool(do_rotary), rotary_interleaved=bool(rotary_interleaved),
+        window=window, do_rotary=do_rotary, rotary_interleaved=rotary_interleaved,
         rotary_dim=rotary_dim, cos_rows=cos_rows,
         max_seqlen_q=_optional_bound("max_seqlen_q", max_seqlen_q),
         max_seqlen_k=_optional_bound("max_seqlen_k", max_seqlen_k),
@@ -180,6 +184,76 @@ def check_metadata(problem, cum, past, block_table):
             raise ValueError(
                 f"cos_cache: sequence {b} reaches position {ends[b] - 1} (past_seqlens[{b}] = "
                 f"{past[b]}, q_len {q_lens[b]}) but cos_cache has only {problem.cos_rows} rows")
+
+
+# What each call writes (the caches in place, out as its result), then what it only reads.
+WRITTEN = ("key_cache", "value_cache", "out")
+READ = ("query", "key", "value", "cumulative_sequence_length", "past_seqlens", "block_table",
+        "cos_cache", "sin_cache")
+_VECTORS = ("query", "key", "value")   # read by the GPU kernels in 16-byte vectors, as written
+
+
+def check_buffers(a, kind, aligned=False):
+    """Per call, before anything is written: each array the call writes is writable and shares
+    no byte with any other argument; with aligned (GPU plans) the arrays the kernels move in
+    16-byte vectors start on 16-byte addresses. ValueError naming the arguments.
+
+    a: the adopted arrays by argument name; kind: "numpy" or "cupy". Every array is already
+    C-contiguous, so its bytes are exactly [start, start + nbytes): NumPy's may_share_memory
+    is exact here; on the GPU (CuPy arrays are always writable) the test is a few integer
+    comparisons of pointer ranges, about a microsecond per call.
+    """
+    if kind == "numpy":
+        for name in WRITTEN:
+            x = a[name]
+            if x is not None and not x.flags.writeable:
+                raise ValueError(
+                    f"{name}: expected a writable array (the call writes into it), got a "
+                    f"read-only one ({name}.flags.writeable is False); pass a writable array "
+                    f"(e.g. {name}.copy()) and keep using that one")
+        _raise_overlap(a, np.may_share_memory)
+        return
+    k0, k1 = _span(a["key_cache"])
+    v0, v1 = _span(a["value_cache"])
+    o0, o1 = _span(a["out"])
+    shared = k0 < v1 and v0 < k1 or o0 < k1 and k0 < o1 or o0 < v1 and v0 < o1
+    bits = k0 | v0 | o0              # start addresses of the arrays moved in 16-byte vectors
+    for name in READ:
+        x = a[name]
+        if x is not None:
+            lo = x.data.ptr
+            hi = lo + x.nbytes
+            if lo < hi and (lo < k1 and k0 < hi or lo < v1 and v0 < hi or lo < o1 and o0 < hi):
+                shared = True
+            if name in _VECTORS:
+                bits |= lo
+    if shared:
+        _raise_overlap(a, lambda x, y: _span(x)[0] < _span(y)[1] and _span(y)[0] < _span(x)[1])
+    if aligned and bits & 15:        # the kernels' own check names the array
+        from .backends._launch import check_aligned
+        check_aligned(**{n: a[n] for n in _VECTORS + WRITTEN if a[n] is not None})
+
+
+def _span(x):
+    """[first, end) bytes of a GPU array; (0, 0), which overlaps nothing, for None or empty."""
+    if x is None or not x.nbytes:
+        return 0, 0
+    lo = x.data.ptr
+    return lo, lo + x.nbytes
+
+
+def _raise_overlap(a, overlaps):
+    """ValueError for the first written array that overlaps a later argument, if any."""
+    present = [(n, a[n]) for n in WRITTEN + READ if a[n] is not None]
+    for i, (name, x) in enumerate(present):
+        for other, y in present[i + 1:]:
+            if name in WRITTEN and overlaps(x, y):
+                fix = ("two separate caches" if other == "value_cache" else
+                       "a separate out, or out=None" if "out" in (name, other) else
+                       f"a {other} that is not a view of {name}")
+                same = " (the same array)" if x is y else ""
+                raise ValueError(f"{name}: expected memory of its own (the call writes "
+                                 f"{name}), got memory shared with {other}{same}; pass {fix}")
 
 
 def _check_hints(problem, q_lens, kv_lens):
@@ -321,6 +395,15 @@ def _integer(name, value):
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name}: expected an integer, got {value!r}")
     return int(value)
+
+
+def _flag(name, value):
+    """True or False (NumPy's bool too); ORT's 0/1 attributes or strings are refused, so a
+    truthy "False" never turns a feature on."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    raise TypeError(f"{name}: expected a bool (True or False), got {value!r} "
+                    f"({type(value).__name__})")
 
 
 def _finite(name, value):

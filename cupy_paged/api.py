@@ -25,7 +25,8 @@ def paged_attention(
 
     query: (T, N*H), or packed (T, (N+2*Nkv)*H) with key = value = None.
     key, value: (T, Nkv*H). key_cache, value_cache: (num_blocks, block_size, Nkv, H), updated
-    in place with the new (rotated) keys and values.
+    in place with the new (rotated) keys and values; they and out must be writable and share
+    no memory with any other argument.
     cumulative_sequence_length: int32 (B+1,); past_seqlens: int32 (B,);
     block_table: int32 (B, max_blocks_per_seq), -1 = unmapped.
     cos_cache, sin_cache: (max_pos, rotary_dim/2), used when do_rotary.
@@ -46,7 +47,7 @@ def paged_attention(
     options: a ``cupy_paged.PlanOptions`` overriding the backend's heuristics (tile, split
     count, programmatic launches, mea's arch tag).
     Returns (T, N*H) in query's dtype, as the same kind of array as the input.
-    See ``shared/spec/semantics.md`` for the exact contract.
+    The exact contract: ``docs/semantics.md``.
     """
     requested = backends.check_backend_name(backend)
     adopted = _adopt(query, key, value, key_cache, value_cache, cumulative_sequence_length,
@@ -143,9 +144,11 @@ def _adopt(query, key, value, key_cache, value_cache, cum, past, block_table, co
 
 
 def _run(plan_, adopted, out, validate):
-    """Run ``plan_`` on the adopted arrays: the host checks where the plan has no guard (or
-    validate asks), the output, the steps, and with validate the guard's error."""
+    """Run ``plan_`` on the adopted arrays: the checks of the buffers themselves (every call:
+    writable, no aliasing, aligned for the GPU), the host checks where the plan has no guard
+    (or validate asks), the output, the steps, and with validate the guard's error."""
     problem = plan_.problem
+    _validate.check_buffers(adopted.arrays, adopted.kind, aligned=plan_.gpu)
     validate = validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1"
     with adopted.context():      # the arrays' GPU; torch tensors: torch's current stream
         if not plan_.gpu or validate:

@@ -20,6 +20,10 @@ from ._precompile import backend_variants, representative_problem
 # H=128, block 16), once per GPU dtype.
 PROBE = {"head_size": 128, "num_heads": 32, "kv_num_heads": 8, "block_size": 16}
 PROBE_DTYPES = ("float16", "bfloat16")
+# What CUDA answers on a machine without an NVIDIA driver (cudaErrorInsufficientDriver, as if
+# the driver were too old) or without a device (cudaErrorNoDevice).
+_INSUFFICIENT_DRIVER, _NO_DEVICE = 35, 100
+NUMPY_FALLBACK = "running the NumPy reference"
 ENV_VARS = ("CUPY_PAGED_BACKEND", "CUPY_PAGED_VALIDATE", "CUPY_PAGED_CACHE_DIR",
             "CUPY_PAGED_SOURCE_DIR", "CUPY_PAGED_QUIET", "CUTLASS_PATH", "CUDA_PATH",
             "CUDA_HOME", "CUDA_VISIBLE_DEVICES")
@@ -144,12 +148,35 @@ def _gpu():
         versions = {"driver": _cuda_version(runtime.driverGetVersion()),
                     "runtime": _cuda_version(runtime.runtimeGetVersion())}
     except Exception as exc:  # CUDARuntimeError: no driver, driver too old, no device
-        return {"error": f"no GPU: {exc}"}
+        return {"error": f"{gpu_unavailable(exc)}; {NUMPY_FALLBACK}"}
     if not devices:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        return {"error": "no GPU: CUDA reports no devices"
-                         + (f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")}
+        return {"error": f"{gpu_unavailable(None)}; {NUMPY_FALLBACK}"}
     return {"devices": devices, "current": cupy.cuda.Device().id, **versions}
+
+
+def gpu_unavailable(exc):
+    """Why CUDA offers no GPU, in a user's words: "no NVIDIA driver/GPU found" when this machine
+    has no driver or no device (``exc`` is None, or CUDA's cudaErrorInsufficientDriver with no
+    driver installed, or cudaErrorNoDevice), a driver older than CuPy's CUDA runtime when that
+    is what CUDA means, else "no GPU: " and CUDA's own message."""
+    status = getattr(exc, "status", None)
+    if exc is None or status == _NO_DEVICE:     # a driver, but no device it lets us see
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        return "no NVIDIA driver/GPU found" + (
+            f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else "")
+    if status == _INSUFFICIENT_DRIVER:
+        try:
+            import cupy
+            driver = cupy.cuda.runtime.driverGetVersion()   # 0: no driver installed
+            runtime = cupy.cuda.runtime.runtimeGetVersion()
+        except Exception:
+            driver = runtime = 0
+        if driver == 0:
+            return "no NVIDIA driver/GPU found"
+        return (f"no GPU: the NVIDIA driver supports CUDA {_cuda_version(driver)}, older than "
+                f"CuPy's CUDA runtime {_cuda_version(runtime)}; upgrade the driver or install "
+                "the CuPy of an older CUDA")
+    return f"no GPU: {exc}"
 
 
 def _toolchain():

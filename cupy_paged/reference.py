@@ -1,8 +1,9 @@
 """NumPy reference of ``paged_attention``: the oracle every GPU backend is tested against.
 
-Readable first: one function per step of ``shared/spec/semantics.md`` (unpack, rotary, cache
-write, attention), vectorised per sequence, float32 or float64 arithmetic. It assumes its input
-was already validated (``cupy_paged.paged_attention`` does that) and never imports CuPy.
+Readable first: one function per step of the contract, ``docs/semantics.md`` (unpack, rotary,
+cache write, attention), vectorised per sequence, float32 or float64 arithmetic. It assumes its
+input was already validated (``cupy_paged.paged_attention`` does that) and never imports CuPy.
+A call that fails leaves the caches as they were; its arithmetic never raises.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def paged_attention_reference(
     num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
     do_rotary=False, rotary_interleaved=False, compute_dtype=np.float32,
 ):
-    """Paged attention on NumPy arrays, following ``shared/spec/semantics.md``.
+    """Paged attention on NumPy arrays, following ``docs/semantics.md``.
 
     query: (T, N*H), or packed (T, (N+2*Nkv)*H) with key = value = None.
     key, value: (T, Nkv*H). key_cache, value_cache: (num_blocks, block_size, Nkv, H), written
@@ -31,6 +32,9 @@ def paged_attention_reference(
     cumulative_sequence_length: int (B+1,); past_seqlens: int (B,); block_table: int (B, max_blocks).
     cos_cache, sin_cache: (max_pos, R/2). compute_dtype: float32 or float64 arithmetic.
     Returns (T, N*H) in query's dtype. Input must already be valid (no checks here).
+    Arithmetic follows IEEE like the GPU kernels (an overflow gives inf, whatever
+    ``numpy.seterr`` says); an exception after the cache write (MemoryError,
+    KeyboardInterrupt) restores the slots it wrote before it propagates.
     """
     cd = np.dtype(compute_dtype)
     num_tokens = query.shape[0]
@@ -39,30 +43,32 @@ def paged_attention_reference(
     cum = np.asarray(cumulative_sequence_length, dtype=np.int64)
     past = np.asarray(past_seqlens, dtype=np.int64)
     table = np.asarray(block_table, dtype=np.int64)
-
-    q, k, v = _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd)
-    seq_of_token, pos = token_positions(cum, past)
-    if do_rotary:
-        cos = np.asarray(cos_cache).astype(cd)[pos]
-        sin = np.asarray(sin_cache).astype(cd)[pos]
-        q = apply_rotary(q, cos, sin, rotary_interleaved)
-        k = apply_rotary(k, cos, sin, rotary_interleaved)
-    _write_cache(key_cache, value_cache, k, v, table[seq_of_token, pos // block_size],
-                 pos % block_size)
-
-    out = np.zeros((num_tokens, num_heads, head_size), dtype=cd)
     softmax_scale = scale if scale > 0 else 1.0 / math.sqrt(head_size)
-    for b in range(len(past)):
-        start, stop = int(cum[b]), int(cum[b + 1])
-        if stop == start:
-            continue
-        keys, values, mapped = _gather_sequence(key_cache, value_cache, table[b],
-                                                int(past[b]) + stop - start, cd)
-        for lo in range(start, stop, _QUERY_CHUNK):
-            hi = min(lo + _QUERY_CHUNK, stop)
-            out[lo:hi] = _attend(q[lo:hi], keys, values, mapped, pos[lo:hi], softmax_scale,
-                                 softcap, local_window_size, num_heads // kv_num_heads)
-    return out.reshape(num_tokens, num_heads * head_size).astype(query.dtype)
+
+    with np.errstate(all="ignore"):     # IEEE results, like the kernels
+        q, k, v = _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd)
+        seq_of_token, pos = token_positions(cum, past)
+        if do_rotary:
+            cos = np.asarray(cos_cache).astype(cd)[pos]
+            sin = np.asarray(sin_cache).astype(cd)[pos]
+            q = apply_rotary(q, cos, sin, rotary_interleaved)
+            k = apply_rotary(k, cos, sin, rotary_interleaved)
+        blocks = table[seq_of_token, pos // block_size]
+        mapped = blocks >= 0                                  # block -1: the token is not written
+        slots = blocks[mapped], (pos % block_size)[mapped]
+        k_new, v_new = k[mapped].astype(key_cache.dtype), v[mapped].astype(value_cache.dtype)
+        saved = key_cache[slots], value_cache[slots]          # copies (fancy indexing)
+        try:
+            key_cache[slots] = k_new
+            value_cache[slots] = v_new
+            out = _attend_sequences(q, key_cache, value_cache, cum, past, table, pos,
+                                    softmax_scale, softcap, local_window_size,
+                                    num_heads // kv_num_heads, cd)
+            return out.reshape(num_tokens, num_heads * head_size).astype(query.dtype)
+        except BaseException:
+            # A slot two tokens write was saved once, before either write.
+            key_cache[slots], value_cache[slots] = saved
+            raise
 
 
 def token_positions(cum, past):
@@ -111,11 +117,21 @@ def _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd):
     return q, k, v
 
 
-def _write_cache(key_cache, value_cache, k, v, blocks, offsets):
-    """Store token t's K/V at (blocks[t], offsets[t]); tokens whose block is -1 are skipped."""
-    mapped = blocks >= 0
-    key_cache[blocks[mapped], offsets[mapped]] = k[mapped].astype(key_cache.dtype)
-    value_cache[blocks[mapped], offsets[mapped]] = v[mapped].astype(value_cache.dtype)
+def _attend_sequences(q, key_cache, value_cache, cum, past, table, pos, scale, softcap, window,
+                      group, cd):
+    """Each sequence's new queries q (T, N, H) over its keys in the caches; returns (T, N, H)."""
+    out = np.zeros(q.shape, dtype=cd)
+    for b in range(len(past)):
+        start, stop = int(cum[b]), int(cum[b + 1])
+        if stop == start:
+            continue
+        keys, values, mapped = _gather_sequence(key_cache, value_cache, table[b],
+                                                int(past[b]) + stop - start, cd)
+        for lo in range(start, stop, _QUERY_CHUNK):
+            hi = min(lo + _QUERY_CHUNK, stop)
+            out[lo:hi] = _attend(q[lo:hi], keys, values, mapped, pos[lo:hi], scale, softcap,
+                                 window, group)
+    return out
 
 
 def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd):

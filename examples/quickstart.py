@@ -12,6 +12,7 @@ import numpy
 
 import cupy_paged
 from cupy_paged.cache import PagedKVCache
+from cupy_paged.info import NUMPY_FALLBACK, gpu_unavailable
 from cupy_paged.rotary import rotary_cache
 
 N, NKV, H = 8, 2, 64          # query heads, kv heads (GQA group 4), head size
@@ -24,11 +25,14 @@ def pick_device():
     """(xp, dtype, why): CuPy + float16 if a GPU is usable, else NumPy + float32."""
     try:
         import cupy
+    except ImportError:
+        return numpy, numpy.float32, f"CuPy is not installed; {NUMPY_FALLBACK}"
+    try:
         count = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # no CuPy, no driver, or a driver too old for this CuPy
-        return numpy, numpy.float32, f"no usable GPU ({type(exc).__name__}: {exc})"
+    except Exception as exc:  # no driver, no device, or a driver too old for this CuPy
+        return numpy, numpy.float32, f"{gpu_unavailable(exc)}; {NUMPY_FALLBACK}"
     if count == 0:
-        return numpy, numpy.float32, "no GPU found"
+        return numpy, numpy.float32, f"{gpu_unavailable(None)}; {NUMPY_FALLBACK}"
     name = cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
     return cupy, numpy.float16, f"GPU 0: {name}"
 
@@ -98,8 +102,7 @@ def check_step(cache, step, q, out, cos, sin):
 def main():
     xp, dtype, why = pick_device()
     print(f"cupy_paged {cupy_paged.__version__}: {why}")
-    print(f"  running on {xp.__name__} with {numpy.dtype(dtype).name}"
-          + ("" if xp is not numpy else " (the NumPy reference path)"))
+    print(f"  running on {xp.__name__} with {numpy.dtype(dtype).name}")
     backend = "auto" if xp is not numpy else "reference"
     rng = numpy.random.default_rng(0)
 

@@ -3,7 +3,7 @@
 For the scale tests, where the full NumPy reference is too slow (a 64k-token prefill, 4096
 sequences, 64 heads of 256 channels): the rows are computed from the caches as the call left
 them (new keys already written; the tests check those slots separately) and from the query
-rotated here. Written from the contract (shared/spec/semantics.md step 4), checked against the
+rotated here. Written from the contract (docs/semantics.md step 4), checked against the
 NumPy reference in tests/test_fuzz_reference.py.
 """
 import math

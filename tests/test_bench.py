@@ -313,6 +313,7 @@ def test_committed_results_are_complete():
 
 
 def test_plot_draws_the_committed_h100_results(tmp_path):
+    pytest.importorskip("matplotlib", reason='no matplotlib: pip install ".[notebook]"')
     from benchmarks import plot
 
     path = REPO_RESULTS / "nvidia-h100-80gb-hbm3.backends-quick-2026-11-25.json"

@@ -1,4 +1,5 @@
-"""``python -m cupy_paged``: dispatch and the bench command's GPU-free listing."""
+"""``python -m cupy_paged``: dispatch, the bench command's GPU-free listing, and precompile's
+wording for an arch that is not this machine's."""
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,12 @@ def test_unknown_command_prints_usage_and_fails():
 def test_help_succeeds():
     done = _run("--help")
     assert done.returncode == 0 and "bench" in done.stdout
+
+
+def test_precompile_for_an_absent_arch_never_speaks_of_this_gpu():
+    done = _run("precompile", "--arch", "sm_75", "--head-size", "64", "--list")
+    assert done.returncode == 0, done.stderr
+    assert "skipped flash float16 for sm_75: float16 needs sm_80 or newer" in done.stdout
+    assert "skipped mea bfloat16 for sm_75: bfloat16 needs sm_80 or newer" in done.stdout
+    assert "this GPU" not in done.stdout + done.stderr
+

@@ -2,7 +2,8 @@
 notebook executed headless, and PagedKVCache's HTML view.
 
 CPU only. The notebook dependencies (nbclient, nbformat, ipykernel, matplotlib) come from the
-``notebook`` extra and are imported directly: CI installs them, so nothing here skips.
+``notebook`` extra: CI installs it and runs the notebook; without it that one test skips, saying
+which package is missing.
 """
 import os
 import re
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import numpy
+import pytest
 
 from cupy_paged.cache import PagedKVCache
 
@@ -64,6 +66,9 @@ def test_quickstart_runs_on_numpy():
     done = _run_example(str(EXAMPLES / "quickstart.py"))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "running on numpy" in done.stdout
+    assert "no NVIDIA driver/GPU found" in done.stdout
+    assert "running the NumPy reference" in done.stdout
+    assert "insufficient" not in done.stdout     # CUDA's words for "no driver" read like "too old"
     assert done.stdout.count("max |paged - dense|") == 2
 
 
@@ -72,8 +77,11 @@ def test_cache_layouts_notebook_executes_headless(monkeypatch):
         monkeypatch.setenv(name, value)         # the kernel inherits this process's env
     # Imported here, not at module level, so `pytest -m gpu` collects on a GPU machine without
     # the notebook extra; CI installs the extra and runs this test.
-    import nbclient
-    import nbformat
+    modules = {}
+    for name in ("matplotlib", "ipykernel", "nbclient", "nbformat"):   # the notebook extra
+        modules[name] = pytest.importorskip(
+            name, reason=f'no {name} (the notebook extra): pip install ".[notebook]"')
+    nbclient, nbformat = modules["nbclient"], modules["nbformat"]
 
     nb = nbformat.read(EXAMPLES / "cache_layouts.ipynb", as_version=4)
     nbformat.validate(nb)

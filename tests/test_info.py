@@ -138,3 +138,55 @@ def test_format_info_with_a_gpu_lists_devices_and_per_dtype_refusals(monkeypatch
 def test_versions_are_decoded():
     assert info._cuda_version(12090) == "12.9" and info._cuda_version(13000) == "13.0"
     assert info._cccl_version(2008002) == "2.8.2" and info._cccl_version(0) == "unknown"
+
+
+# ---- what a machine without an NVIDIA driver is told --------------------------------------
+
+class _CudaError(Exception):
+    """A CUDARuntimeError as far as info reads it: the status code and CUDA's message."""
+
+    def __init__(self, status, text):
+        super().__init__(text)
+        self.status = status
+
+
+INSUFFICIENT = "cudaErrorInsufficientDriver: CUDA driver version is insufficient for CUDA " \
+               "runtime version"
+
+
+@pytest.mark.parametrize("status, text, driver, visible, expected", [
+    (35, INSUFFICIENT, 0, None, "no NVIDIA driver/GPU found"),
+    (100, "cudaErrorNoDevice: no CUDA-capable device is detected", 12080, None,
+     "no NVIDIA driver/GPU found"),
+    (100, "cudaErrorNoDevice: no CUDA-capable device is detected", 12080, "",
+     "no NVIDIA driver/GPU found (CUDA_VISIBLE_DEVICES='')"),
+    (35, INSUFFICIENT, 11040, None, "no GPU: the NVIDIA driver supports CUDA 11.4, older than "
+     "CuPy's CUDA runtime 12.9; upgrade the driver or install the CuPy of an older CUDA"),
+    (999, "cudaErrorUnknown: unknown error", 12080, None,
+     "no GPU: cudaErrorUnknown: unknown error"),
+], ids=["no-driver", "no-device", "devices-hidden", "old-driver", "other"])
+def test_gpu_errors_in_a_users_words(status, text, driver, visible, expected, monkeypatch):
+    cupy = pytest.importorskip("cupy", reason="the CUDA runtime comes with CuPy")
+    monkeypatch.setattr(cupy.cuda.runtime, "driverGetVersion", lambda: driver)
+    monkeypatch.setattr(cupy.cuda.runtime, "runtimeGetVersion", lambda: 12090)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    assert info.gpu_unavailable(_CudaError(status, text)) == expected
+
+    def count():
+        raise _CudaError(status, text)
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", count)
+    assert info._gpu() == {"error": f"{expected}; running the NumPy reference"}
+
+
+def test_info_on_this_machine_without_a_driver(tmp_path):
+    cupy = pytest.importorskip("cupy", reason="the CUDA runtime comes with CuPy")
+    if cupy.cuda.runtime.driverGetVersion() != 0:
+        pytest.skip("this machine has an NVIDIA driver")
+    out = _run(tmp_path, "info")
+    gpu = next(line for line in out.splitlines() if line.startswith("GPU"))
+    assert gpu.split(None, 1)[1] == "no NVIDIA driver/GPU found; running the NumPy reference"
+    assert "insufficient" not in out

@@ -98,8 +98,10 @@ def test_all_is_every_kernel_the_backends_can_launch_on_the_arch():
 def test_unbuildable_combinations_are_skipped_with_the_reason():
     names, skipped = needed_variants(head_sizes=[64], archs=["sm_75"])
     assert not [n for n, _ in names if "bf16" in n or n.startswith("flash")]
-    assert Skipped("flash float16", "sm_75", "float16 needs sm80, this GPU is sm75") in skipped
-    assert Skipped("mea bfloat16", "sm_75", "bfloat16 needs sm80, this GPU is sm75") in skipped
+    # Worded for a target arch: no GPU need be here, so never "this GPU is sm75".
+    assert Skipped("flash float16", "sm_75", "float16 needs sm_80 or newer") in skipped
+    assert Skipped("mea bfloat16", "sm_75", "bfloat16 needs sm_80 or newer") in skipped
+    assert not [s for s in skipped if "this GPU" in s.reason]
     _, skipped = needed_variants(["float16"], [128, 512], archs=["sm_80"])
     assert [str(s) for s in skipped] == [
         "flash float16 head_size 512 for sm_80: head_size 512 > 256",
@@ -183,7 +185,8 @@ def test_all_for_sm86_with_two_jobs_builds_everything(cache_dir):
 def test_nothing_buildable_exits_1_and_says_why(cache_dir, capsys):
     assert main(["--arch", "sm_75", "--dtype", "bf16", "--head-size", "64"]) == 1
     out = capsys.readouterr().out
-    assert "skipped mea bfloat16 for sm_75: bfloat16 needs sm80" in out
+    assert "skipped mea bfloat16 for sm_75: bfloat16 needs sm_80 or newer" in out
+    assert "this GPU" not in out
     assert "nothing to build for sm_75" in out
 
 
@@ -191,6 +194,34 @@ def test_no_gpu_and_no_arch_says_to_pass_arch(cache_dir, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy", None)  # as on a machine without CuPy or a GPU
     assert main(["--head-size", "128"]) == 1
     assert "pass arch= (--arch sm_80 ...)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("listing", [True, False], ids=["list", "build"])
+def test_without_cupy_names_the_cupy_package(listing, cache_dir, capsys, monkeypatch):
+    for name in ("cupy", "cupy_backends"):        # as on a machine where CuPy is not installed
+        monkeypatch.setitem(sys.modules, name, None)
+    argv = ["--arch", "sm_80", "--head-size", "64"] + (["--list"] if listing else [])
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "no module named 'cupy'" in err and "pip install cupy-cuda12x" in err
+    assert "cupy_backends" not in err
+
+
+def test_without_a_driver_no_arch_says_no_gpu_found(cache_dir, capsys, monkeypatch):
+    cupy = pytest.importorskip("cupy", reason="CuPy is what reports the missing driver")
+
+    class NoDriver(Exception):
+        status = 35                                # cudaErrorInsufficientDriver
+
+    def count():
+        raise NoDriver("cudaErrorInsufficientDriver: CUDA driver version is insufficient "
+                       "for CUDA runtime version")
+
+    monkeypatch.setattr(cupy.cuda.runtime, "getDeviceCount", count)
+    monkeypatch.setattr(cupy.cuda.runtime, "driverGetVersion", lambda: 0)
+    assert main(["--head-size", "64"]) == 1
+    err = capsys.readouterr().err
+    assert "no NVIDIA driver/GPU found" in err and "insufficient" not in err
 
 
 @pytest.mark.parametrize("args,message", [

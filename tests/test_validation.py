@@ -2,9 +2,10 @@
 
 Each rejected case mutates one thing in a valid baseline made by ``make_case`` and checks the
 exception type and that the message names the argument (and, where practical, the actual value,
-e.g. the shape tuple as Python prints it). Conventions under test: TypeError for a wrong dtype
-or a non-array argument, ValueError for everything else; every check (data checks included)
-runs before anything is written.
+e.g. the shape tuple as Python prints it). Conventions under test: TypeError for a wrong dtype,
+a non-bool flag or a non-array argument, ValueError for everything else; every check (data
+checks included) runs before anything is written. The buffer checks (read-only, aliasing) are
+in test_buffers.py.
 """
 import math
 import re
@@ -307,6 +308,12 @@ REJECTED = [
     case("softcap-inf", setter(softcap=float("-inf")), VE, arg("softcap"), "inf"),
     case("local_window_size-float", setter(local_window_size=1.5), VE,
          arg("local_window_size"), r"1\.5"),
+    # ORT's flags are 0/1 integers; ours are bools, so "False" (truthy) never turns one on.
+    *[case(f"{flag}-{label}", setter(**{flag: value}), TE, arg(flag), "bool", shown, base=ROT)
+      for flag in ("do_rotary", "rotary_interleaved")
+      for label, value, shown in (("int-1", 1, r"got 1 \(int\)"), ("int-0", 0, r"got 0 \(int\)"),
+                                  ("string", "False", r"'False' \(str\)"),
+                                  ("none", None, r"None \(NoneType\)"))],
 
     # ---- out ------------------------------------------------------------------------------------
     case("out-wrong-width", setter(out=np.zeros((T, N * H + 1), np.float32)), VE,
@@ -422,6 +429,8 @@ def test_no_tokens():
     pytest.param(setter(scale=0.5, softcap=30.0, local_window_size=2), {}, id="on-values"),
     pytest.param(setter(num_heads=np.int64(4), kv_num_heads=np.int32(2)), {},
                  id="numpy-int-head-counts"),
+    pytest.param(setter(do_rotary=np.True_, rotary_interleaved=np.True_), ROT,
+                 id="numpy-bool-flags"),
 ])
 def test_boundary_values_accepted(mutate, base):
     kw = make_case(**base)
@@ -499,3 +508,44 @@ def test_cached_signature_returns_the_same_problem():
     first = _validate.check_arguments(arrays, **attrs)
     assert _validate.check_arguments(arrays, **attrs) is first
     assert _validate.check_arguments(arrays, **dict(attrs, softcap=2.0)).softcap == 2.0
+
+
+def test_numpy_bool_flags_become_python_bools_in_the_problem():
+    from cupy_paged import _validate
+
+    kw = make_case(rotary=True)
+    arrays = {name: kw[name] for name in POSITIONAL}
+    arrays["out"] = None
+    problem = _validate.check_arguments(
+        arrays, num_heads=N, kv_num_heads=NKV, scale=0.0, softcap=0.0, local_window_size=-1,
+        do_rotary=np.True_, rotary_interleaved=np.False_)
+    assert (problem.do_rotary, problem.rotary_interleaved) == (True, False)
+    assert type(problem.do_rotary) is bool and type(problem.rotary_interleaved) is bool
+
+
+# ---- off values follow ORT: softcap <= 0 and local_window_size <= 0 mean off -----------------
+
+@pytest.mark.parametrize("seed", range(3))
+def test_softcap_at_or_below_zero_is_off(seed):
+    rng = np.random.default_rng(seed)
+    off = call(make_case(seed=seed))                    # the default, softcap=0.0
+    for softcap in (-0.0, -float(rng.uniform(1e-3, 1.0)), -float(rng.uniform(1.0, 1e4))):
+        kw = make_case(seed=seed)
+        kw["softcap"] = softcap
+        np.testing.assert_array_equal(call(kw), off, err_msg=f"softcap={softcap}")
+    kw = make_case(seed=seed)
+    kw["softcap"] = float(rng.uniform(0.05, 0.2))       # a positive cap changes the output
+    assert not np.allclose(call(kw), off, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_local_window_at_or_below_zero_is_off(seed):
+    rng = np.random.default_rng(seed)
+    off = call(make_case(seed=seed))                    # the default, local_window_size=-1
+    for window in (0, -2, -int(rng.integers(3, 1 << 40))):
+        kw = make_case(seed=seed)
+        kw["local_window_size"] = window
+        np.testing.assert_array_equal(call(kw), off, err_msg=f"local_window_size={window}")
+    kw = make_case(seed=seed)
+    kw["local_window_size"] = 1                         # each query sees only itself
+    assert not np.allclose(call(kw), off, rtol=1e-3, atol=1e-3)
