@@ -249,7 +249,8 @@ def test_flash_scalars_travel_as_one_struct_in_field_order():
     spec_entry = fk._register_fwd("float16", policy.problem_tile(problem, 90))
     from cupy_paged.jit import get_spec
     code = get_spec(spec_entry).entry_code
-    assert struct.size_check in code and f"{spec_entry}(const {struct.cname} p)" in code
+    assert struct.size_check in code and struct.scalars_definition in code
+    assert f"const {struct.scalars_cname} s)" in code and f"const {struct.cname} p{{" in code
 
 
 @pytest.mark.parametrize("seed", range(6))

@@ -53,8 +53,9 @@ def test_pack_checks_the_names_and_keeps_values():
 
 
 def test_argument_block_points_at_the_struct():
-    """cuLaunchKernel's parameter array: one entry, pointing at the struct's bytes; the
-    pointer fields change with each fill, the scalars keep their bytes whatever is filled."""
+    """cuLaunchKernel's parameter array: one entry per pointer field, 8 bytes apart, and one
+    for the scalars after them, all into the struct's bytes; the pointer fields change with
+    each fill, the scalars keep their bytes whatever is filled."""
     import ctypes
 
     from cupy_paged.backends._launch import ArgumentBlock
@@ -70,8 +71,9 @@ def test_argument_block_points_at_the_struct():
         assert [int.from_bytes(raw[8 * i:8 * i + 8], "little") for i in range(3)] == \
             list(pointers)
         assert raw[24:] == packed.tobytes()[24:]
-    address = (ctypes.c_void_p * 1).from_address(block.params)[0]
-    assert address % 16 == 0                                  # the struct is 16-byte aligned
+    addresses = (ctypes.c_void_p * 4).from_address(block.params)
+    assert addresses[0] % 16 == 0                             # the struct is 16-byte aligned
+    assert [a - addresses[0] for a in addresses] == [0, 8, 16, 24]  # pointers, then scalars
     with pytest.raises(struct_error()):
         block.fill((1, 2))                                    # one pointer per field
 
@@ -99,8 +101,9 @@ def _problem():
 
 @pytest.mark.parametrize("module", ["flash", "combine", "prologue", "guard", "gather", "mea"])
 def test_every_entry_point_takes_its_params_struct(module):
-    """Each generated entry has one parameter, its params struct by value, after the struct's
-    size check: the one way entries are generated."""
+    """Each generated entry takes its params struct's pointer fields one by one, then the
+    scalars as one struct by value, after both size checks, and assembles the struct the
+    kernel reads: the one way entries are generated."""
     from cupy_paged.jit import get_spec
 
     problem = _problem()
@@ -112,8 +115,12 @@ def test_every_entry_point_takes_its_params_struct(module):
             "mea": lambda: _mea_kernels.variant_name("float16", 80, 128)}[module]()
     struct = STRUCTS[module]
     code = get_spec(name).entry_code
-    assert _entry_parameters(code, name) == [f"const {struct.cname} p"]
-    assert struct.size_check in code
+    pointers = [n for n in struct.pointers]
+    got = _entry_parameters(code, name)
+    assert [p.split()[-1] for p in got] == pointers + ["s"]
+    assert got[-1] == f"const {struct.scalars_cname} s"
+    assert struct.size_check in code and struct.scalars_definition in code
+    assert f"const {struct.cname} p{{" in code
 
 
 def test_the_plan_decides_programmatic_launches_once(monkeypatch):

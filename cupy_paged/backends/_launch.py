@@ -52,10 +52,12 @@ _cuda = None    # cupy.cuda, bound by the first DirectLaunch (CuPy loads on firs
 
 
 class ArgumentBlock:
-    """A kernel's one parameter, its params struct, laid out in host memory as
-    ``cuLaunchKernel`` takes it: ``params`` is the address of a one-entry array pointing at the
-    struct's bytes. The scalars are copied in once (``packed``: the struct's (1,) NumPy mirror);
-    ``fill`` writes the call's device pointers into the leading ``pointer_count`` fields.
+    """A kernel's parameters (``_params.entry_point``: the pointer fields one by one, then the
+    scalars struct) laid out in host memory as ``cuLaunchKernel`` takes them: one buffer
+    holding the params struct's bytes, and ``params``, the address of an array pointing at
+    each pointer field (8 bytes apart) and at the scalars after them. The scalars are copied in
+    once (``packed``: the struct's (1,) NumPy mirror); ``fill`` writes the call's device
+    pointers into the leading ``pointer_count`` fields.
     """
 
     __slots__ = ("_buffer", "_pack", "_params", "params", "pointer_count")
@@ -65,7 +67,11 @@ class ArgumentBlock:
         self.pointer_count = pointer_count
         self._buffer = (ctypes.c_uint8 * max(-(-len(data) // 16) * 16, 16))()
         ctypes.memmove(ctypes.addressof(self._buffer), data, len(data))
-        self._params = (ctypes.c_void_p * 1)(ctypes.addressof(self._buffer))
+        base = ctypes.addressof(self._buffer)
+        entries = [base + 8 * i for i in range(pointer_count)]
+        if len(data) > 8 * pointer_count:
+            entries.append(base + 8 * pointer_count)  # the scalars struct
+        self._params = (ctypes.c_void_p * max(len(entries), 1))(*entries)
         self.params = ctypes.addressof(self._params)
         self._pack = struct.Struct(f"<{pointer_count}Q")
 

@@ -1,13 +1,20 @@
-"""Kernel interfaces: each kernel takes one parameter struct by value, defined once in a
-``cuda_src/<kernel>/params.cuh`` header; this module parses that definition into its NumPy
-mirror (``ParamsStruct``) and generates every ``extern "C"`` entry point the same way
-(``entry_point``). A launch (``_launch.DirectLaunch``) packs the scalars into the mirror once per
-plan and writes the call's device pointers into its leading pointer fields.
+"""Kernel interfaces: each kernel's parameters are described once, as a struct in a
+``cuda_src/<kernel>/params.cuh`` header that the kernel body reads; this module parses that
+definition into its NumPy mirror (``ParamsStruct``) and generates every ``extern "C"`` entry
+point the same way (``entry_point``). A launch (``_launch.DirectLaunch``) packs the scalars into
+the mirror once per plan and writes the call's device pointers into its leading pointer fields.
 
 Header format: ``struct Name {`` then one field per line, ``type name;`` (a trailing ``//``
 comment allowed), pointer fields first; types are pointers, ``int``, ``unsigned``, ``float``
-and ``long long``. The generated entry ``static_assert``s the struct's size, so a mirror that
-differs from the compiler's layout fails to compile.
+and ``long long``.
+
+The entry takes the pointer fields as separate parameters and the scalars as one struct
+``NameScalars`` by value, and assembles the kernel's ``Name`` from them: the parameter bytes are
+then exactly the mirror's (pointers at 8-byte steps, the scalars after them at the struct's own
+offsets), so one host buffer serves both. (One struct parameter holding the pointers too made
+ptxas spill more in the prefill forward kernel at its 255-register limit, H200: 6 % slower,
+benchmarks/NOTES.md, session 6.) The generated entry ``static_assert``s both sizes, so a
+mirror that differs from the compiler's layout fails to compile.
 """
 from __future__ import annotations
 
@@ -29,9 +36,10 @@ class ParamsStruct:
     dtype: the aligned NumPy structured dtype (pointers as uint64), C's layout.
     """
 
-    def __init__(self, cname, fields):
+    def __init__(self, cname, fields, declared=None):
         self.cname = cname
         self.fields = tuple(fields)
+        self.declared = tuple(declared or (c for c, _ in self.fields))  # C types as written
         kinds = ["pointer" if c.endswith("*") else c for c, _ in self.fields]
         self.pointers = tuple(n for (c, n), k in zip(self.fields, kinds) if k == "pointer")
         if any(k == "pointer" for k in kinds[len(self.pointers):]):
@@ -43,6 +51,9 @@ class ParamsStruct:
                                  f"(pointers, {', '.join(_NUMPY_OF_C)})")
         self.dtype = np.dtype([(n, "<u8" if k == "pointer" else _NUMPY_OF_C[k])
                                for (_, n), k in zip(self.fields, kinds)], align=True)
+        self.scalars_dtype = np.dtype([(n, _NUMPY_OF_C[c]) for c, n in self.scalars],
+                                      align=True)
+        self.scalars_cname = cname.replace("::", "_") + "_Scalars"
 
     def pack(self, **values):
         """The (1,) structured array with the scalars ``values`` (every scalar field, by
@@ -63,6 +74,30 @@ class ParamsStruct:
         return (f"static_assert(sizeof({self.cname}) == {self.dtype.itemsize}, "
                 f"\"{self.cname}: the NumPy mirror's layout differs\");\n")
 
+    @property
+    def scalars_definition(self):
+        """The entry's ``NameScalars`` struct (the scalar fields in order) and its size check;
+        empty when the struct has no scalars."""
+        if not self.scalars:
+            return ""
+        name = self.scalars_cname
+        return (f"struct {name} {{\n" + "".join(f"  {c} {n};\n" for c, n in self.scalars)
+                + f"}};\nstatic_assert(sizeof({name}) == {self.scalars_dtype.itemsize}, "
+                f"\"{name}: the NumPy mirror's layout differs\");\n")
+
+    @property
+    def parameters(self):
+        """The entry's parameter list: each pointer field, then the scalars struct."""
+        pointers = [f"{c} {n}" for c, (_, n) in zip(self.declared, self.fields)
+                    if n in self.pointers]
+        return ", ".join(pointers + ([f"const {self.scalars_cname} s"] if self.scalars else []))
+
+    @property
+    def assembled(self):
+        """C++ that declares ``p``, the struct, from the entry's parameters."""
+        values = list(self.pointers) + [f"s.{n}" for _, n in self.scalars]
+        return f"const {self.cname} p{{{', '.join(values)}}};"
+
 
 @functools.cache
 def params_struct(header, cname):
@@ -75,7 +110,7 @@ def params_struct(header, cname):
     match = re.search(r"\bstruct\s+" + short + r"\s*\{(?P<body>.*?)\};", text, re.DOTALL)
     if match is None:
         raise ValueError(f"{header}: no struct {short}")
-    fields = []
+    fields, declared = [], []
     for line in match.group("body").splitlines():
         if not line.strip():
             continue
@@ -83,16 +118,17 @@ def params_struct(header, cname):
         if field is None:
             raise ValueError(f"{header}: {short}: cannot read the field line {line.strip()!r} "
                              "(one 'type name;' per line)")
-        ctype = re.sub(r"\s+", " ", field["type"].replace("const ", "")).strip()
-        fields.append((ctype.replace(" *", "*"), field["name"]))
-    return ParamsStruct(cname, fields)
+        written = re.sub(r"\s+", " ", field["type"]).strip().replace(" *", "*")
+        fields.append((written.replace("const ", ""), field["name"]))
+        declared.append(written)
+    return ParamsStruct(cname, fields, declared)
 
 
 def entry_point(name, params, call, threads, min_blocks=None):
-    """``extern "C" __global__ void name(const Params p) { call }`` with ``threads`` as the
-    launch bound (and ``min_blocks`` resident blocks per SM asked of the register allocator),
-    after the struct's size check. ``call`` reads the struct as ``p``."""
+    """``extern "C" __global__ void name(pointers..., const NameScalars s) { p = ...; call }``
+    with ``threads`` as the launch bound (and ``min_blocks`` resident blocks per SM asked of
+    the register allocator), after the size checks. ``call`` reads the struct as ``p``."""
     bounds = threads if min_blocks is None else f"{threads}, {min_blocks}"
-    return (params.size_check +
+    return (params.size_check + params.scalars_definition +
             f'extern "C" __global__ void __launch_bounds__({bounds})\n'
-            f"{name}(const {params.cname} p) {{\n  {call}\n}}\n")
+            f"{name}({params.parameters}) {{\n  {params.assembled}\n  {call}\n}}\n")
