@@ -213,25 +213,53 @@ def check_buffers(a, kind, aligned=False):
                     f"(e.g. {name}.copy()) and keep using that one")
         _raise_overlap(a, np.may_share_memory)
         return
-    k0, k1 = _span(a["key_cache"])
-    v0, v1 = _span(a["value_cache"])
-    o0, o1 = _span(a["out"])
+    spans = {n: _span(a[n]) for n in WRITTEN + READ}
+    check_device_buffers({n: lo for n, (lo, _) in spans.items()},
+                         {n: hi - lo for n, (lo, hi) in spans.items()}, a, aligned)
+
+
+def check_device_buffers(ptr, sizes, a, aligned=True):
+    """``check_buffers`` on the GPU from a call's device addresses ``ptr`` (name -> int, 0 for
+    None; GPU plans read them once per call and launch with the same ones) and byte sizes
+    ``sizes`` (name -> int: ``buffer_sizes`` of the call's Problem); ``a``: the arrays, read
+    only to name the culprits when a check fails."""
+    k0 = ptr["key_cache"]
+    k1 = k0 + sizes["key_cache"]
+    v0 = ptr["value_cache"]
+    v1 = v0 + sizes["value_cache"]
+    o0 = ptr["out"]
+    o1 = o0 + sizes["out"]
     shared = k0 < v1 and v0 < k1 or o0 < k1 and k0 < o1 or o0 < v1 and v0 < o1
-    bits = k0 | v0 | o0              # start addresses of the arrays moved in 16-byte vectors
     for name in READ:
-        x = a[name]
-        if x is not None:
-            lo = x.data.ptr
-            hi = lo + x.nbytes
-            if lo < hi and (lo < k1 and k0 < hi or lo < v1 and v0 < hi or lo < o1 and o0 < hi):
-                shared = True
-            if name in _VECTORS:
-                bits |= lo
+        lo = ptr[name]
+        hi = lo + sizes[name]
+        if lo < hi and (lo < k1 and k0 < hi or lo < v1 and v0 < hi or lo < o1 and o0 < hi):
+            shared = True
     if shared:
         _raise_overlap(a, lambda x, y: _span(x)[0] < _span(y)[1] and _span(y)[0] < _span(x)[1])
-    if aligned and bits & 15:        # the kernels' own check names the array
+    # the arrays the kernels move in 16-byte vectors; their own check names the array
+    if aligned and (k0 | v0 | o0 | ptr["query"] | ptr["key"] | ptr["value"]) & 15:
         from .backends._launch import check_aligned
         check_aligned(**{n: a[n] for n in _VECTORS + WRITTEN if a[n] is not None})
+
+
+_ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
+
+
+def buffer_sizes(problem):
+    """Bytes of each argument of a call of ``problem`` (0 for an absent one): known from the
+    signature, so a GPU plan computes them once."""
+    e, i32 = _ITEMSIZE[problem.dtype], 4
+    T, N, Nkv, H = problem.num_tokens, problem.num_heads, problem.kv_num_heads, problem.head_size
+    width = (N + 2 * Nkv) * H if problem.packed else N * H
+    cache = problem.num_blocks * problem.block_size * Nkv * H * e
+    rotary = problem.cos_rows * (problem.rotary_dim // 2) * e
+    return {"query": T * width * e, "key": 0 if problem.packed else T * Nkv * H * e,
+            "value": 0 if problem.packed else T * Nkv * H * e, "key_cache": cache,
+            "value_cache": cache, "cumulative_sequence_length": (problem.batch + 1) * i32,
+            "past_seqlens": problem.batch * i32,
+            "block_table": problem.batch * problem.max_blocks * i32, "cos_cache": rotary,
+            "sin_cache": rotary, "out": T * N * H * e}
 
 
 def _span(x):

@@ -148,7 +148,8 @@ def _run(plan_, adopted, out, validate):
     writable, no aliasing, aligned for the GPU), the host checks where the plan has no guard
     (or validate asks), the output, the steps, and with validate the guard's error."""
     problem = plan_.problem
-    _validate.check_buffers(adopted.arrays, adopted.kind, aligned=plan_.gpu)
+    if not plan_.gpu:  # a GPU plan checks them in Plan.run, with the addresses it launches with
+        _validate.check_buffers(adopted.arrays, adopted.kind)
     validate = validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1"
     with adopted.context():      # the arrays' GPU; torch tensors: torch's current stream
         if not plan_.gpu or validate:

@@ -134,7 +134,7 @@ class ForwardStep:
         grid_x = (-(-T * G // tile.bm) + B) * problem.kv_num_heads  # kv head fastest
         if grid_x >= 2 ** 31:
             raise ValueError(f"grid ({grid_x}, 1, {splits}) exceeds CUDA's limits")
-        self.problem, self.tile, self.splits = problem, tile, splits
+        self.problem, self.tile, self.splits, self.device = problem, tile, splits, device
         name, grid = _register_fwd(problem.dtype, tile), (grid_x, 1, splits)
         kernel = get_function(name, device=device)
         if tile.smem_bytes > 48 * 1024:
@@ -158,9 +158,12 @@ class ForwardStep:
         self._held = None  # ((device, stream), workspace) of the last split-KV call
 
     def __call__(self, call):
-        a = call.a
-        self.run(call.q, a["key_cache"], a["value_cache"], a["cumulative_sequence_length"],
-                 a["past_seqlens"], a["block_table"], call.out, call.fault, None, call.stream)
+        if self.problem.num_tokens == 0 or self.problem.batch == 0:
+            return
+        p = call.ptr
+        self._launch(call.q_ptr, p["key_cache"], p["value_cache"],
+                     p["cumulative_sequence_length"], p["past_seqlens"], p["block_table"],
+                     p["out"], pointer(call.fault), None, self.device, call.stream)
 
     def run(self, q, key_cache, value_cache, cum, past, block_table, out, fault=None,
             workspace=None, stream=None):
@@ -173,27 +176,35 @@ class ForwardStep:
                                 out.data.ptr)
         if (q_p | kc_p | vc_p | o_p) & 15:
             _check_arrays(q, key_cache, value_cache, out)
-        if self.splits > 1:
-            partial_o, partial_lse = (self._workspace(out, stream) if workspace is None
-                                      else self._check_workspace(workspace))
-            po_p, pl_p = partial_o.data.ptr, partial_lse.data.ptr
-        else:
-            po_p = pl_p = o_p  # never dereferenced with num_splits == 1
-        f_p = pointer(fault)
-        self.forward(q_p, kc_p, vc_p, cum.data.ptr, past.data.ptr, block_table.data.ptr, o_p,
-                     po_p, pl_p, f_p, stream=stream)
-        if self.combine is not None:
-            self.combine(po_p, pl_p, o_p, f_p, stream=stream)
+        if workspace is not None:
+            workspace = self._check_workspace(workspace)
+        self._launch(q_p, kc_p, vc_p, cum.data.ptr, past.data.ptr, block_table.data.ptr, o_p,
+                     pointer(fault), workspace, out.data.device_id, stream)
         return out
 
-    def _workspace(self, out, stream):
+    def _launch(self, q, key_cache, value_cache, cum, past, block_table, out, fault,
+                workspace, device, stream):
+        """The launches on ``stream`` (a handle; None: the current CuPy stream) from the
+        arguments' device addresses; workspace None: the stream's own."""
+        if self.splits > 1:
+            partial_o, partial_lse = (self._workspace(device, stream) if workspace is None
+                                      else workspace)
+            po_p, pl_p = partial_o.data.ptr, partial_lse.data.ptr
+        else:
+            po_p = pl_p = out  # never dereferenced with num_splits == 1
+        self.forward(q, key_cache, value_cache, cum, past, block_table, out, po_p, pl_p, fault,
+                     stream=stream)
+        if self.combine is not None:
+            self.combine(po_p, pl_p, out, fault, stream=stream)
+
+    def _workspace(self, device, stream):
         """The stream's workspace, remembered for the last stream this step ran on (a
         workspace is never freed, so one the stream has outgrown since stays valid)."""
         import cupy
 
         if stream is None:
             stream = cupy.cuda.get_current_stream().ptr
-        key = (out.data.device_id, stream)
+        key = (device, stream)
         held = self._held
         if held is None or held[0] != key:
             held = self._held = (key, stream_workspace(
@@ -239,6 +250,12 @@ def stream_workspace(xp, device, stream, o_shape, lse_shape):
     return held
 
 
+@functools.lru_cache(maxsize=16)
+def _standalone_step(problem, device, sm, tile, num_splits):
+    """The ForwardStep ``launch_flash`` runs, kept for calls that repeat (tests, timing)."""
+    return ForwardStep(problem, device, sm, tile, num_splits)
+
+
 def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out, sm,
                  num_splits=None, workspace=None, fault=None, tile=None):
     """The forward kernel (and combine) alone, outside a plan, on the current CuPy stream; no
@@ -255,5 +272,5 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
     and with split-KV poison their partial sums so the combine writes NaN rows.
     """
     _check_arrays(q, key_cache, value_cache, out)
-    step = ForwardStep(problem, q.data.device_id, int(sm), tile, num_splits)
+    step = _standalone_step(problem, q.data.device_id, int(sm), tile, num_splits)
     return step.run(q, key_cache, value_cache, cum, past, block_table, out, fault, workspace)

@@ -82,12 +82,14 @@ class GuardStep:
     def __init__(self, problem, device):
         kernel, self.word = _device(device)
         grid, packed = _packed(problem)
-        self.batch = problem.batch
+        self.batch, self.device = problem.batch, device
         self.launch = DirectLaunch(kernel, PARAMS, packed, grid, (THREADS,))
         self.facts = Launch(NAME, grid, (THREADS, 1, 1))
 
     def __call__(self, call):
-        call.fault = self.run(call.a, call.out, call.stream)
+        p = call.ptr
+        call.fault = self._launch(p["cumulative_sequence_length"], p["past_seqlens"],
+                                  p["block_table"], p["out"], call.stream)
 
     def run(self, a, out, stream=None):
         """Check the metadata on the device; returns the int32 (B+1,) fault array.
@@ -102,7 +104,15 @@ class GuardStep:
             import cupy
 
             stream = cupy.cuda.get_current_stream().ptr
-        key = (out.data.device_id, stream)
+        o_p = out.data.ptr
+        if o_p & 15:  # NaN rows are written as 16-byte chunks
+            check_aligned(out=out)
+        return self._launch(a["cumulative_sequence_length"].data.ptr, a["past_seqlens"].data.ptr,
+                            a["block_table"].data.ptr, o_p, stream)
+
+    def _launch(self, cum, past, block_table, out, stream):
+        """The launch on ``stream`` (a handle) from the arguments' device addresses."""
+        key = (self.device, stream)
         batch = self.batch
         buffers = _streams.get(key)
         if buffers is None or buffers.fault.size <= batch:
@@ -110,11 +120,7 @@ class GuardStep:
         fault = buffers.views.get(batch)
         if fault is None:
             fault = buffers.views[batch] = buffers.fault[:batch + 1]
-        o_p = out.data.ptr
-        if o_p & 15:  # NaN rows are written as 16-byte chunks
-            check_aligned(out=out)
-        self.launch(a["cumulative_sequence_length"].data.ptr, a["past_seqlens"].data.ptr,
-                    a["block_table"].data.ptr, fault.data.ptr, o_p, buffers.scratch.data.ptr,
+        self.launch(cum, past, block_table, fault.data.ptr, out, buffers.scratch.data.ptr,
                     self.word.data.ptr, stream=stream)
         return fault
 
@@ -123,7 +129,13 @@ def run_guard(problem, a, out):
     """The guard alone on the current device (``GuardStep.run``), outside a plan."""
     import cupy
 
-    return GuardStep(problem, cupy.cuda.runtime.getDevice()).run(a, out)
+    return _standalone_step(problem, cupy.cuda.runtime.getDevice()).run(a, out)
+
+
+@functools.lru_cache(maxsize=16)
+def _standalone_step(problem, device):
+    """The GuardStep ``run_guard`` runs, kept for calls that repeat (tests, timing)."""
+    return GuardStep(problem, device)
 
 
 def check_errors(device=None):

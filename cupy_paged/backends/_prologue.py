@@ -6,6 +6,8 @@ interleaved are runtime flags (uniform branches). CuPy is imported on first laun
 """
 from __future__ import annotations
 
+import functools
+
 from ..jit import get_function
 from ._launch import (THREADS, DirectLaunch, check_aligned, grid_size, pointer,
                       register_per_dtype, variant)
@@ -33,6 +35,13 @@ class PrologueStep:
         T = problem.num_tokens
         self.problem = problem
         self.write_q = problem.packed or problem.do_rotary
+        # The arguments the kernel reads, by name: query stands in for what it never reads
+        # (key and value when packed, cos and sin without rotary).
+        packed, rotary = problem.packed, problem.do_rotary
+        self.inputs = ("query", "query" if packed else "key", "query" if packed else "value",
+                       "key_cache", "value_cache", "cumulative_sequence_length",
+                       "past_seqlens", "block_table")
+        self.tables = ("cos_cache", "sin_cache") if rotary else ("query", "query")
         grid = (grid_size(-(-T // _TOKENS_PER_BLOCK) * THREADS, device),)  # 4 tokens a block
         name = prologue_name(problem.dtype)
         self.launch = DirectLaunch(get_function(name, device=device), PARAMS, _packed(problem),
@@ -40,7 +49,11 @@ class PrologueStep:
         self.facts = Launch(name, grid, (THREADS, 1, 1), 0, programmatic)
 
     def __call__(self, call):
-        call.q = self.run(call.a, call.fault, call.stream)
+        q = self._output(call.a["query"])
+        q_p = q.data.ptr if self.write_q else call.ptr["query"]
+        if self.problem.num_tokens and self.problem.batch:
+            self._launch(call.ptr, call.fault, q_p, call.stream)
+        call.q, call.q_ptr = q, q_p
 
     def run(self, a, fault=None, stream=None):
         """Unpack, rotate and write the caches; returns the (T, N*H) query to attend with.
@@ -53,31 +66,42 @@ class PrologueStep:
         or rotated input) or ``query`` itself. Launches on ``stream`` (a handle; None: the
         current CuPy stream); never synchronises.
         """
+        problem = self.problem
+        q = self._output(a["query"])
+        if problem.num_tokens == 0 or problem.batch == 0:
+            return q
+        moved = {n: a[n] for n in self.inputs[:5]}  # the kernel moves 16-byte vectors
+        check_aligned(**moved)
+        ptr = {n: a[n].data.ptr for n in self.inputs + self.tables}
+        self._launch(ptr, fault, q.data.ptr, stream)
+        return q
+
+    def _output(self, query):
+        """The (T, N*H) query the attention reads: a fresh array when the prologue writes it."""
+        if not self.write_q:
+            return query
         import cupy
 
-        problem, query = self.problem, a["query"]
-        T, N, H = problem.num_tokens, problem.num_heads, problem.head_size
-        q = cupy.empty((T, N * H), dtype=query.dtype) if self.write_q else query
-        if T == 0 or problem.batch == 0:
-            return q
-        key = query if problem.packed else a["key"]            # never read when packed
-        value = query if problem.packed else a["value"]
-        cos = a["cos_cache"] if problem.do_rotary else query   # never read without rotary
-        sin = a["sin_cache"] if problem.do_rotary else query
-        kc, vc = a["key_cache"], a["value_cache"]
-        q_p, k_p, v_p, kc_p, vc_p = (query.data.ptr, key.data.ptr, value.data.ptr,
-                                     kc.data.ptr, vc.data.ptr)
-        if (q_p | k_p | v_p | kc_p | vc_p) & 15:  # the kernel moves 16-byte vectors
-            check_aligned(query=query, key=key, value=value, key_cache=kc, value_cache=vc)
-        self.launch(q_p, k_p, v_p, kc_p, vc_p, a["cumulative_sequence_length"].data.ptr,
-                    a["past_seqlens"].data.ptr, a["block_table"].data.ptr, pointer(fault),
-                    cos.data.ptr, sin.data.ptr, q.data.ptr, stream=stream)
-        return q
+        problem = self.problem
+        return cupy.empty((problem.num_tokens, problem.num_heads * problem.head_size),
+                          dtype=query.dtype)
+
+    def _launch(self, ptr, fault, q_out, stream):
+        """The launch on ``stream`` (a handle) from the arguments' device addresses ``ptr``
+        (name -> int), the guard's verdict and q_out's address."""
+        self.launch(*[ptr[n] for n in self.inputs], pointer(fault),
+                    *[ptr[n] for n in self.tables], q_out, stream=stream)
 
 
 def run_prologue(problem, a, fault=None):
     """The prologue alone on the query's GPU (``PrologueStep.run``), outside a plan."""
-    return PrologueStep(problem, a["query"].data.device_id).run(a, fault)
+    return _standalone_step(problem, a["query"].data.device_id).run(a, fault)
+
+
+@functools.lru_cache(maxsize=16)
+def _standalone_step(problem, device):
+    """The PrologueStep ``run_prologue`` runs, kept for calls that repeat (tests, timing)."""
+    return PrologueStep(problem, device)
 
 
 def _packed(problem):

@@ -7,6 +7,7 @@ shapes, so a call can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
+from .._validate import buffer_sizes
 from . import _flash_policy, _guard, _prologue
 from ._flash_kernels import ForwardStep
 from ._launch import programmatic_supported
@@ -31,7 +32,8 @@ def make_plan(problem, device, sm, options, reason):
                           programmatic=pdl)
     return Plan("flash", reason, problem, device, options, (guard, prologue, forward),
                 (guard.facts, prologue.facts) + forward.facts,
-                {"tile": forward.tile, "num_splits": forward.splits, "programmatic": pdl})
+                {"tile": forward.tile, "num_splits": forward.splits, "programmatic": pdl},
+                sizes=buffer_sizes(problem))
 
 
 BACKEND = Backend("flash", gpu_capabilities({"float16": 80, "bfloat16": 80}, 256), make_plan)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._validate import buffer_sizes
 from . import _gather, _guard, _mea_kernels, _prologue
 from .base import Backend, gpu_capabilities
 from .plan import Launch, Plan
@@ -80,7 +81,8 @@ def make_plan(problem, device, sm, options, reason):
     attention = AttentionStep(problem, device, tag_sm)
     return Plan("mea", reason, problem, device, options, (guard, prologue, attention),
                 (guard.facts, prologue.facts) + attention.facts,
-                {"arch_tag": _mea_kernels.arch_tag(tag_sm)})
+                {"arch_tag": _mea_kernels.arch_tag(tag_sm)},
+                sizes=buffer_sizes(problem))
 
 
 BACKEND = Backend("mea", gpu_capabilities({"float16": 50, "bfloat16": 80}, 256), make_plan)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .. import _validate
 from . import _capture
 
 
@@ -61,15 +62,17 @@ class Launch:
 
 class Call:
     """The state of one call as its steps pass it on: the arrays by argument name, the output,
-    the stream handle the launches go to (None: the current CuPy stream), the guard's verdict
-    (None until the guard ran, and without one) and the query the attention reads (the
-    prologue's rotated copy, or the input)."""
+    the stream handle the launches go to (None: the current CuPy stream), the device address
+    of every argument (``ptr``: name -> int, 0 for None, "out" the output's; read once by a
+    GPU plan), the guard's verdict (None until the guard ran, and without one) and the query
+    the attention reads (``q``, ``q_ptr``: the prologue's rotated copy, or the input)."""
 
-    __slots__ = ("a", "fault", "out", "q", "stream")
+    __slots__ = ("a", "fault", "out", "ptr", "q", "q_ptr", "stream")
 
-    def __init__(self, arrays, out, stream=None):
-        self.a, self.out, self.stream = arrays, out, stream
+    def __init__(self, arrays, out, stream=None, ptr=None):
+        self.a, self.out, self.stream, self.ptr = arrays, out, stream, ptr
         self.fault, self.q = None, arrays["query"]
+        self.q_ptr = None if ptr is None else ptr["query"]
 
 
 @dataclass(frozen=True)
@@ -92,12 +95,16 @@ class Plan:
     launches: tuple = ()
     details: dict = field(default_factory=dict, compare=False)
     gpu: bool = True
+    sizes: dict = field(default=None, compare=False)  # GPU: _validate.buffer_sizes(problem)
 
     def run(self, arrays, out):
         """Run the call: ``arrays`` by argument name (CuPy on the plan's device, or NumPy for
         the reference), ``out`` the (T, N*H) output it fills; the caches are written in place.
-        Asynchronous on the current stream for GPU plans; a call made while the stream
-        captures a CUDA graph keeps its scratch memory alive (``_capture``)."""
+        Asynchronous on the current stream for GPU plans, which first read every argument's
+        address once and check the buffers with them (``_validate.check_device_buffers``:
+        no written array overlaps another argument, 16-byte alignment) before any launch; a
+        call made while the stream captures a CUDA graph keeps its scratch memory alive
+        (``_capture``)."""
         if not self.gpu:
             call = Call(arrays, out)
             for step in self.steps:
@@ -105,8 +112,11 @@ class Plan:
             return out
         import cupy
 
+        ptr = {name: 0 if x is None else x.data.ptr for name, x in arrays.items()}
+        ptr["out"] = out.data.ptr
+        _validate.check_device_buffers(ptr, self.sizes, arrays)
         stream = cupy.cuda.get_current_stream()
-        call = Call(arrays, out, stream.ptr)
+        call = Call(arrays, out, stream.ptr, ptr)
         with _capture.keep_allocations(cupy, stream):
             for step in self.steps:
                 step(call)
