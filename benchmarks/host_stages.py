@@ -45,8 +45,11 @@ def main():
     sm, device = adopted.sm, adopted.device
     plan = backends.plan_for("flash", problem, "cupy", device, sm, DEFAULT_OPTIONS)
     guard, prologue, forward = plan.steps
-    call = Call(adopted.arrays, out)
+    ptr = {n: 0 if x is None else x.data.ptr for n, x in adopted.arrays.items()}
+    ptr["out"] = out.data.ptr
+    call = Call(adopted.arrays, out, cupy.cuda.get_current_stream().ptr, ptr)
     guard(call)
+    prologue(call)
 
     def context():
         with adopted.context():
