@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from . import _validate, backends
+from . import _buffers, _validate, backends
 from ._arrays import adopt_arrays
 from .backends import _guard
 from .backends.plan import DEFAULT_OPTIONS
@@ -149,7 +149,7 @@ def _run(plan_, adopted, out, validate):
     (or validate asks), the output, the steps, and with validate the guard's error."""
     problem = plan_.problem
     if not plan_.gpu:  # a GPU plan checks them in Plan.run, with the addresses it launches with
-        _validate.check_buffers(adopted.arrays, adopted.kind)
+        _buffers.check_buffers(adopted.arrays, adopted.kind)
     validate = validate or os.environ.get("CUPY_PAGED_VALIDATE") == "1"
     with adopted.context():      # the arrays' GPU; torch tensors: torch's current stream
         if not plan_.gpu or validate:

@@ -3,18 +3,18 @@ writable and share no byte with any other argument, and a call that fails leaves
 as it was.
 
 NumPy input runs end to end; the GPU rule (pointer ranges, alignment) is checked on stand-in
-arrays carrying only what ``_validate.check_buffers`` reads of a CuPy array, so it runs here.
+arrays carrying only what ``_buffers.check_buffers`` reads of a CuPy array, so it runs here.
 """
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
-from cupy_paged import _validate, reference
+from cupy_paged import _buffers, reference
 from test_validation import H, N, T, all_of, arg, call, make_case
 
-WRITTEN = _validate.WRITTEN
-ARRAYS = WRITTEN + _validate.READ
+WRITTEN = _buffers.WRITTEN
+ARRAYS = WRITTEN + _buffers.READ
 
 
 def full_case(seed):
@@ -184,10 +184,10 @@ def test_gpu_pointer_ranges_agree_with_brute_force(seed):
     a = {n: None if s is None else gpu_array(*s) for n, s in spans.items()}
     pair = first_overlap(spans)
     if pair is None:
-        _validate.check_buffers(a, "cupy")
+        _buffers.check_buffers(a, "cupy")
         return
     with pytest.raises(ValueError, match=all_of(rf"^{pair[0]}:", arg(pair[1]), "shared")):
-        _validate.check_buffers(a, "cupy")
+        _buffers.check_buffers(a, "cupy")
 
 
 def _disjoint_gpu_arrays():
@@ -198,9 +198,9 @@ def _disjoint_gpu_arrays():
 def test_gpu_vector_arrays_must_be_16_byte_aligned(name):
     a = _disjoint_gpu_arrays()
     a[name].data.ptr += 4
-    _validate.check_buffers(a, "cupy")                # the host reference does not care
+    _buffers.check_buffers(a, "cupy")                # the host reference does not care
     with pytest.raises(ValueError, match=all_of(rf"^{name}:", "16-byte aligned", "0x")):
-        _validate.check_buffers(a, "cupy", aligned=True)
+        _buffers.check_buffers(a, "cupy", aligned=True)
 
 
 @pytest.mark.parametrize("name", ["cumulative_sequence_length", "past_seqlens", "block_table",
@@ -208,7 +208,7 @@ def test_gpu_vector_arrays_must_be_16_byte_aligned(name):
 def test_gpu_scalar_arrays_need_no_alignment(name):
     a = _disjoint_gpu_arrays()
     a[name].data.ptr += 4
-    _validate.check_buffers(a, "cupy", aligned=True)
+    _buffers.check_buffers(a, "cupy", aligned=True)
 
 
 # ---- nothing half-written ---------------------------------------------------------------------

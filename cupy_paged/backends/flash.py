@@ -7,7 +7,7 @@ shapes, so a call can be captured in a CUDA graph.
 """
 from __future__ import annotations
 
-from .._validate import buffer_sizes
+from .._buffers import buffer_sizes
 from . import _flash_policy, _guard, _prologue
 from ._flash_kernels import ForwardStep
 from ._launch import programmatic_supported

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._validate import buffer_sizes
+from .._buffers import buffer_sizes
 from . import _gather, _guard, _mea_kernels, _prologue
 from .base import Backend, gpu_capabilities
 from .plan import Launch, Plan

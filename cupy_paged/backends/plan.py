@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .. import _validate
+from .. import _buffers
 from . import _capture
 
 
@@ -95,13 +95,13 @@ class Plan:
     launches: tuple = ()
     details: dict = field(default_factory=dict, compare=False)
     gpu: bool = True
-    sizes: dict = field(default=None, compare=False)  # GPU: _validate.buffer_sizes(problem)
+    sizes: dict = field(default=None, compare=False)  # GPU: _buffers.buffer_sizes(problem)
 
     def run(self, arrays, out):
         """Run the call: ``arrays`` by argument name (CuPy on the plan's device, or NumPy for
         the reference), ``out`` the (T, N*H) output it fills; the caches are written in place.
         Asynchronous on the current stream for GPU plans, which first read every argument's
-        address once and check the buffers with them (``_validate.check_device_buffers``:
+        address once and check the buffers with them (``_buffers.check_device_buffers``:
         no written array overlaps another argument, 16-byte alignment) before any launch; a
         call made while the stream captures a CUDA graph keeps its scratch memory alive
         (``_capture``)."""
@@ -114,7 +114,7 @@ class Plan:
 
         ptr = {name: 0 if x is None else x.data.ptr for name, x in arrays.items()}
         ptr["out"] = out.data.ptr
-        _validate.check_device_buffers(ptr, self.sizes, arrays)
+        _buffers.check_device_buffers(ptr, self.sizes, arrays)
         stream = cupy.cuda.get_current_stream()
         call = Call(arrays, out, stream.ptr, ptr)
         with _capture.keep_allocations(cupy, stream):
