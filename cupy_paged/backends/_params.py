@@ -11,9 +11,9 @@ and ``long long``.
 The entry takes the pointer fields as separate parameters and the scalars as one struct
 ``NameScalars`` by value, and assembles the kernel's ``Name`` from them: the parameter bytes are
 then exactly the mirror's (pointers at 8-byte steps, the scalars after them at the struct's own
-offsets), so one host buffer serves both. (One struct parameter holding the pointers too made
-ptxas spill more in the prefill forward kernel at its 255-register limit, H200: 6 % slower,
-benchmarks/NOTES.md, session 6.) The generated entry ``static_assert``s both sizes, so a
+offsets), so one host buffer serves both. One struct parameter holding the pointers too made
+ptxas spill more in the prefill forward kernel, which sits at the 255-register limit
+(benchmarks/NOTES.md, session 6). The generated entry ``static_assert``s both sizes, so a
 mirror that differs from the compiler's layout fails to compile.
 """
 from __future__ import annotations
