@@ -6,16 +6,15 @@
 // 16-byte units, so the 8 row addresses of an ldmatrix hit 8 distinct bank groups, every
 // fragment address is a base plus a compile-time constant, and the pads hold the side data.
 // But every other row starts 16 bytes into a 32-byte sector, and a cp.async into such a row
-// costs the memory system more: on the H100, decode 64 x 4096 (ncu, session 5) moved 1.5x the
-// L2 sectors and 2.6x the L2 requests that the data needs, and DRAM ran at 82-84 % of peak.
+// costs the L2 extra sectors and requests (measured: benchmarks/NOTES.md, session 5).
 //
 // SwizzledRows: rows of exactly HEAD elements (HEAD % 64 == 0: whole 128-byte lines) and chunk
 // c of row r stored at chunk c ^ (r % 8) (the XOR swizzle of CUTLASS and FlashAttention-2): the
 // 8 rows of an ldmatrix still hit 8 bank groups, every copy lands on whole sectors, and the side
 // data lives in two arrays after the K/V stages. A fragment address then needs an XOR as well
-// as an add (2 % more instructions in the prefill loop), which the aligned copies repay in
-// prefill too (its K/V tiles are re-read from L2 by every query tile): every tile whose head
-// allows it takes this layout (_flash_kernels.SWIZZLE_HEADS); other heads keep the padded one.
+// as an add, which the aligned copies repay in prefill too (its K/V tiles are re-read from L2
+// by every query tile): every tile whose head allows it takes this layout
+// (_flash_tiles.SWIZZLE_HEADS); other heads keep the padded one.
 #pragma once
 
 namespace cupy_paged {
