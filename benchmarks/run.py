@@ -40,8 +40,8 @@ QUICK_BUDGET_S = 200.0
 H100_FP16_DENSE = 800e12     # fallback when the matrix product is not measured
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="benchmarks/run.py", description=__doc__.split("\n")[0],
+def parse_args(argv=None, prog="benchmarks/run.py"):
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", dest="cases", action="extend", nargs="+", choices=list(C.CASES),
                    metavar="NAME", help=f"cases to run (default all: {', '.join(C.CASES)})")
@@ -96,8 +96,9 @@ def _log(*a):
     print(*a, flush=True)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def main(argv=None, prog="benchmarks/run.py"):
+    """Run the harness on ``argv`` (None: sys.argv[1:]); ``prog`` names it in --help."""
+    args = parse_args(argv, prog)
     case_list = C.plan(args.cases, args.block_sizes)
     if args.list:
         _log(describe_cases(case_list))

@@ -29,4 +29,5 @@ def main(argv=None):
     if str(root) not in sys.path:
         sys.path.insert(0, str(root))
     from benchmarks import run
-    return run.main(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    return run.main(argv, prog="python -m cupy_paged bench")

@@ -24,6 +24,13 @@ def test_unknown_command_prints_usage_and_fails():
     done = _run("frobnicate")
     assert done.returncode == 2
     assert "bench" in done.stderr
+    assert "unknown command 'frobnicate'" in done.stderr       # says so, then the usage
+
+
+def test_bench_help_names_the_command_it_was_called_as():
+    done = _run("bench", "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m cupy_paged bench")
 
 
 def test_help_succeeds():
