@@ -11,7 +11,7 @@ import os
 
 from ..errors import UnsupportedError
 from . import flash, mea, reference
-from .plan import DEFAULT_OPTIONS, Plan, PlanOptions  # noqa: F401
+from .plan import DEFAULT_OPTIONS
 
 BACKENDS = {
     "flash": flash.BACKEND,

@@ -155,7 +155,7 @@ class ForwardStep:
             facts.append(Launch(combine, combine_grid, (_COMBINE_THREADS, 1, 1), 0,
                                 programmatic))
         self.facts = tuple(facts)
-        self._held = None  # ((device, stream), workspace) of the last split-KV call
+        self._held = None  # (stream, workspace) of the last split-KV call
 
     def __call__(self, call):
         if self.problem.num_tokens == 0 or self.problem.batch == 0:
@@ -163,7 +163,7 @@ class ForwardStep:
         p = call.ptr
         self._launch(call.q_ptr, p["key_cache"], p["value_cache"],
                      p["cumulative_sequence_length"], p["past_seqlens"], p["block_table"],
-                     p["out"], pointer(call.fault), None, self.device, call.stream)
+                     p["out"], pointer(call.fault), None, call.stream)
 
     def run(self, q, key_cache, value_cache, cum, past, block_table, out, fault=None,
             workspace=None, stream=None):
@@ -179,15 +179,15 @@ class ForwardStep:
         if workspace is not None:
             workspace = self._check_workspace(workspace)
         self._launch(q_p, kc_p, vc_p, cum.data.ptr, past.data.ptr, block_table.data.ptr, o_p,
-                     pointer(fault), workspace, out.data.device_id, stream)
+                     pointer(fault), workspace, stream)
         return out
 
     def _launch(self, q, key_cache, value_cache, cum, past, block_table, out, fault,
-                workspace, device, stream):
+                workspace, stream):
         """The launches on ``stream`` (a handle; None: the current CuPy stream) from the
         arguments' device addresses; workspace None: the stream's own."""
         if self.splits > 1:
-            partial_o, partial_lse = (self._workspace(device, stream) if workspace is None
+            partial_o, partial_lse = (self._workspace(stream) if workspace is None
                                       else workspace)
             po_p, pl_p = partial_o.data.ptr, partial_lse.data.ptr
         else:
@@ -197,18 +197,17 @@ class ForwardStep:
         if self.combine is not None:
             self.combine(po_p, pl_p, out, fault, stream=stream)
 
-    def _workspace(self, device, stream):
+    def _workspace(self, stream):
         """The stream's workspace, remembered for the last stream this step ran on (a
         workspace is never freed, so one the stream has outgrown since stays valid)."""
         import cupy
 
         if stream is None:
             stream = cupy.cuda.get_current_stream().ptr
-        key = (device, stream)
         held = self._held
-        if held is None or held[0] != key:
-            held = self._held = (key, stream_workspace(
-                cupy, key[0], stream, *workspace_shape(self.problem, self.splits)))
+        if held is None or held[0] != stream:
+            held = self._held = (stream, stream_workspace(
+                cupy, self.device, stream, *workspace_shape(self.problem, self.splits)))
         return held[1]
 
     def _check_workspace(self, workspace):

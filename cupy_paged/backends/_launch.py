@@ -21,6 +21,7 @@ THREADS = 256
 # grid-stride loops need no more blocks than one full wave.
 BLOCKS_PER_SM = 8
 
+
 class GpuDtype(NamedTuple):
     """A 16-bit dtype the GPU kernels instantiate: variant-name suffix, CUDA type, CUTLASS
     type, lowest SM."""
