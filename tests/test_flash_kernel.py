@@ -431,7 +431,7 @@ LONG_DECODE = Case("decode_ctx_1_to_32k", lens=((1, 4095), (1, 0), (1, 777), (1,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("splits", [None, 1, 3, 64])
+@pytest.mark.parametrize("splits", [None, 1, 3, 20, 64])
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_flash_long_decode_split_kv(splits, dtype, flash_compiled):
     run_flash(LONG_DECODE, dtype, 11, num_splits=splits)

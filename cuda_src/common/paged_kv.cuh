@@ -42,7 +42,7 @@ struct PagedKV {
 
   // Unvalidated metadata (validate=False) may hold any ids: only [0, num_blocks) are blocks.
   __device__ __forceinline__ bool mapped(int block) const {
-    return block >= 0 && block < num_blocks;
+    return static_cast<unsigned>(block) < static_cast<unsigned>(num_blocks);  // one compare
   }
   // Element offset of slot `slot` of block `block` (mapped).
   __device__ __forceinline__ long long offset(int block, int slot) const {
