@@ -7,7 +7,7 @@ import sys
 COMMANDS = {
     "info": "GPU, CuPy, NVRTC/CUDA/CUTLASS versions, kernel cache, and which backends run here",
     "precompile": "compile the kernels a model needs (or --all) before its first call",
-    "bench": "run the benchmark harness (see benchmarks/NOTES.md); --help for options",
+    "bench": "time the backends against torch peers (benchmark harness); --help for options",
 }
 # The module whose main(argv) runs each command, imported only when it is asked for.
 MODULES = {"info": "cupy_paged.info", "precompile": "cupy_paged._precompile",
