@@ -142,8 +142,8 @@ def test_flash_swizzled_tile_needs_a_line_sized_head():
         tiles.Tile(96, 16, 64, 4, 3, "sm80", key_warps=4, swizzle=True)
     padded = tiles.Tile(128, 16, 64, 4, 3, "sm80", key_warps=4)
     swizzled = dataclasses.replace(padded, swizzle=True)
-    # rows of 128 elements instead of 136, plus 12 bytes of side data per key and stage
-    assert padded.smem_bytes - swizzled.smem_bytes == (16 + 6 * 64) * 8 * 2 - 12 * 3 * 64
+    # rows of 128 elements instead of 136, plus 4 slots (stages + 1) of 8-byte key offsets
+    assert padded.smem_bytes - swizzled.smem_bytes == (16 + 6 * 64) * 8 * 2 - 8 * 4 * 64
 
 
 @pytest.mark.parametrize("arch", ["sm80", "sm86"])

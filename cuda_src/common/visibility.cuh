@@ -1,7 +1,7 @@
 // Which keys a query sees (docs/semantics.md): key position k is visible from absolute
 // query position p (past + index in the sequence) iff k <= p (bottom-right causal) and, with a
 // sliding window W > 0, k > p - W. A key in an unmapped block is never visible (the kernels
-// mask it from the block table: flash's loadable flags, mea's key_ok).
+// mask it from the block table: flash through its key offsets, mea through key_ok).
 #pragma once
 
 namespace cupy_paged {

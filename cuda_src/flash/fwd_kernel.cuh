@@ -58,21 +58,22 @@ __device__ __forceinline__ void fwd(const FwdParams& p) {
   const FragmentLanes<Tr> lanes(sm.q_addr, sm.k_addr, sm.v_addr, me.row_warp, me.key_off,
                                 me.lane);
 
-  // The key loop: tile kt's K/V are in stage `stage` (kv_stages.cuh).
-  int stage = 0;
+  // The key loop: tile kt's K/V are in stage pos.stage, its key offsets in slot pos.slot
+  // (kv_stages.cuh).
+  auto pos = RingPos<Tr::STAGES>::first();
   for (int kt = t.my_lo; kt < t.my_hi; ++kt) {
     LookAhead<Tr> ahead;
-    const bool hole = kv.begin_tile(kt, stage, hole_bits, ahead, me.tid);
-    const unsigned k_stage = lanes.k + stage * Tr::KV_BYTES;
-    const unsigned v_stage = lanes.v + stage * Tr::KV_BYTES;
+    const bool hole = kv.begin_tile(kt, pos, hole_bits, ahead, me.tid);
+    const unsigned k_stage = lanes.k + pos.stage * Tr::KV_BYTES;
+    const unsigned v_stage = lanes.v + pos.stage * Tr::KV_BYTES;
     float s[MF][NF][4];
     compute_scores<Tr>(s, lanes.q, k_stage);
     if (tr.capped) softcap_scores(s, tr);
-    masks.apply(s, kt * Tr::BN, p.window, hole, kv.flags(stage));
+    masks.apply(s, kt * Tr::BN, p.window, hole, kv.offsets(pos.slot));
     online_softmax(s, o, st, softmax_scale);
     accumulate_pv<Tr>(o, s, v_stage);
-    kv.end_tile(stage, ahead, me.tid);
-    stage = stage + 1 == Tr::STAGES ? 0 : stage + 1;
+    kv.end_tile(pos, ahead, me.tid);
+    pos.advance();
   }
 
   // Finalize (key-warp merge), then write the output rows, or this split's partials.

@@ -126,9 +126,9 @@ struct KeyRowOffsets {
 
 // Issues the K and V tile of keys [k0, k0 + BN) into the stages at shared addresses sK, sV from
 // the row offsets in sOff (KeyRowOffsets, visible to every thread), zero-filling keys that are
-// not loadable and channels >= H, and stores each key's loadable flag (nonzero: loadable) in
-// flags. Returns whether any key this thread touched is not loadable (the CTA-wide OR tells
-// the consumer whether the tile needs masking beyond causal/window).
+// not loadable and channels >= H. Returns whether any key this thread touched is not loadable
+// (the CTA-wide OR tells the consumer whether the tile needs masking beyond causal/window,
+// which reads the offsets' signs).
 //
 // All of the thread's row offsets are read before its first copy (a copy is a memory clobber,
 // so a read after it could not be hoisted and each would wait out its own latency); per row,
@@ -136,7 +136,6 @@ struct KeyRowOffsets {
 template <class Tr>
 __device__ __forceinline__ bool load_kv_tile(unsigned sK, unsigned sV,
                                              const SideColumn<long long> sOff,
-                                             const SideColumn<int> flags,
                                              const KeyView<Tr>& kv,
                                              int head_size, int tid) {
   using CR = ChunkRows<Tr, Tr::BN>;
@@ -161,7 +160,6 @@ __device__ __forceinline__ bool load_kv_tile(unsigned sK, unsigned sV,
     const long long src = off[i] & 0x7fffffffffffffffLL;
     cp_async_16(L::rows_on(k_dst, i * CR::ROWS_PER_PASS), k_src + src, ok);
     cp_async_16(L::rows_on(v_dst, i * CR::ROWS_PER_PASS), v_src + src, ok);
-    if (cr.c == 0) flags[cr.row(i)] = ~(high >> 31);
   }
   return any_hole < 0;
 }

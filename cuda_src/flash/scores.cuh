@@ -48,18 +48,19 @@ __device__ __forceinline__ void mask_causal_window(float (&s)[MF][NF][4],
     }
 }
 
-// Sets to -inf every score whose key is not loadable: flags[key_off + k] is key k's flag in this
-// warp's slice (written by load_kv_tile: 0 for unmapped blocks and positions >= kv_len; any
-// int column, e.g. smem_layout.cuh's SideColumn<int>). Only tiles with such a key.
-template <int MF, int NF, class Flags>
-__device__ __forceinline__ void mask_unloadable(float (&s)[MF][NF][4], const Flags& flags,
+// Sets to -inf every score whose key is not loadable: offsets[key_off + k] is key k's cache
+// offset in this warp's slice (KeyRowOffsets::store: negative for unmapped blocks and
+// positions outside [0, kv_len); any column of signed integers, e.g. smem_layout.cuh's
+// SideColumn<long long>). Only tiles with such a key.
+template <int MF, int NF, class Offsets>
+__device__ __forceinline__ void mask_unloadable(float (&s)[MF][NF][4], const Offsets& offsets,
                                                 int key_off, int lane) {
 #pragma unroll
   for (int nf = 0; nf < NF; ++nf)
 #pragma unroll
     for (int e1 = 0; e1 < 2; ++e1) {
       const int kr = nf * 8 + (lane & 3) * 2 + e1;
-      if (flags[key_off + kr] == 0) {
+      if (offsets[key_off + kr] < 0) {
 #pragma unroll
         for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
@@ -85,12 +86,12 @@ struct ScoreMasks {
 #pragma unroll
       for (int h = 0; h < 2; ++h) pos[mf][h] = t.past + (t.row0 + me.row(mf, h)) / t.group;
   }
-  template <int NF, class Flags>
+  template <int NF, class Offsets>
   __device__ __forceinline__ void apply(float (&s)[MF][NF][4], int k0, int window, bool hole,
-                                        const Flags& flags) const {
+                                        const Offsets& offsets) const {
     if (partly_hidden(k0, k0 + Tr::BN - 1, p_first, p_last, window))
       mask_causal_window(s, pos, k0 + key_off, window, lane);
-    if (hole) mask_unloadable(s, flags, key_off, lane);
+    if (hole) mask_unloadable(s, offsets, key_off, lane);
   }
 };
 

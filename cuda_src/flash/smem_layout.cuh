@@ -1,17 +1,19 @@
 // Shared-memory row layouts of the flash kernel's Q, K and V tiles: where chunk c (16 bytes,
 // 8 channels) of tile row r lives, how an ldmatrix lane walks its row, and where each key's side
-// data (its byte offset in the cache, its loadable flag) is kept.
+// data is kept: its byte offset in the cache (negative: not loadable), in one of STAGES + 1
+// slots (flash/kv_stages.cuh says why one more than the stages).
 //
 // PaddedRows: rows of HEAD + 8 elements. The 16-byte pad makes the row stride an odd number of
 // 16-byte units, so the 8 row addresses of an ldmatrix hit 8 distinct bank groups, every
-// fragment address is a base plus a compile-time constant, and the pads hold the side data.
+// fragment address is a base plus a compile-time constant, and the pads hold the side data
+// (slot s < STAGES: stage s's V row pads; slot STAGES: stage 0's K row pads).
 // But every other row starts 16 bytes into a 32-byte sector, and a cp.async into such a row
 // costs the L2 extra sectors and requests (measured: benchmarks/NOTES.md, session 5).
 //
 // SwizzledRows: rows of exactly HEAD elements (HEAD % 64 == 0: whole 128-byte lines) and chunk
 // c of row r stored at chunk c ^ (r % 8) (the XOR swizzle of CUTLASS and FlashAttention-2): the
 // 8 rows of an ldmatrix still hit 8 bank groups, every copy lands on whole sectors, and the side
-// data lives in two arrays after the K/V stages. A fragment address then needs an XOR as well
+// data lives in an array after the K/V stages. A fragment address then needs an XOR as well
 // as an add, which the aligned copies repay in prefill too (its K/V tiles are re-read from L2
 // by every query tile): every tile whose head allows it takes this layout
 // (_flash_tiles.SWIZZLE_HEADS); other heads keep the padded one.
@@ -50,24 +52,19 @@ struct PaddedRows {
     return tile + r * ROW_BYTES + h * 16;
   }
   __device__ __forceinline__ static unsigned step(unsigned lane, int k) { return lane + k * 32; }
-  // Key offsets (long long) and loadable flags (int) of stage st's rows.
-  __device__ __forceinline__ static SideColumn<long long> offsets(unsigned char*,
+  // Key offsets (long long) of side slot s (0 <= s <= STAGES).
+  __device__ __forceinline__ static SideColumn<long long> offsets(unsigned char* k_stages,
                                                                   unsigned char* v_stages,
-                                                                  unsigned char*, int st) {
-    return {v_stages + st * BN * ROW_BYTES + HEAD * 2, ROW_BYTES};
-  }
-  __device__ __forceinline__ static SideColumn<int> flags(unsigned char* k_stages,
-                                                          unsigned char*, unsigned char*,
-                                                          int st) {
-    return {k_stages + st * BN * ROW_BYTES + HEAD * 2, ROW_BYTES};
+                                                                  unsigned char*, int s) {
+    return {(s < STAGES ? v_stages + s * BN * ROW_BYTES : k_stages) + HEAD * 2, ROW_BYTES};
   }
 };
 
 template <int HEAD, int BN, int STAGES>
 struct SwizzledRows {
   static constexpr int ROW_BYTES = HEAD * 2;
-  // side data: STAGES x BN key offsets (8 bytes) then STAGES x BN flags (4 bytes)
-  static constexpr int SIDE_BYTES = STAGES * BN * 12;
+  // side data: STAGES + 1 slots of BN key offsets (8 bytes)
+  static constexpr int SIDE_BYTES = (STAGES + 1) * BN * 8;
   static_assert(HEAD % 64 == 0, "swizzled rows: whole 128-byte lines (8 chunks)");
 
   __device__ __forceinline__ static int at(int r, int c) {
@@ -89,12 +86,8 @@ struct SwizzledRows {
   }
   __device__ __forceinline__ static SideColumn<long long> offsets(unsigned char*,
                                                                   unsigned char*,
-                                                                  unsigned char* side, int st) {
-    return {side + st * BN * 8, 8};
-  }
-  __device__ __forceinline__ static SideColumn<int> flags(unsigned char*, unsigned char*,
-                                                          unsigned char* side, int st) {
-    return {side + STAGES * BN * 8 + st * BN * 4, 4};
+                                                                  unsigned char* side, int s) {
+    return {side + s * BN * 8, 8};
   }
 };
 

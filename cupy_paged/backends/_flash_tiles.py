@@ -53,10 +53,10 @@ class Tile:
     @property
     def smem_bytes(self):
         """Mirrors Traits::SMEM_BYTES: rows of Q plus STAGES K and V tiles, 2 bytes an element
-        (padded rows: head + 8 elements; swizzled: head, plus 12 bytes of side data per key
-        and stage)."""
+        (padded rows: head + 8 elements; swizzled: head, plus STAGES + 1 slots of 8-byte key
+        offsets, flash/kv_stages.cuh)."""
         row = self.head if self.swizzle else self.head + 8
-        side = 12 * self.stages * self.bn if self.swizzle else 0
+        side = 8 * (self.stages + 1) * self.bn if self.swizzle else 0
         return (self.bm * row + 2 * self.stages * self.bn * row) * 2 + side
 
 
