@@ -11,6 +11,11 @@ A result record is a dict with at least: case (name), block_size, impl ("ours:fl
   ratio   on peer rows: ms(fastest of ours that ran on this case) / ms(peer)
             (> 1: ours is that many times slower); None where none of ours ran
   vs      on our rows: {peer impl: ms(ours) / ms(peer)} for every peer that ran
+  fastest_peer, vs_fastest
+          on our rows: the fastest peer row that ran on this (case, block size) -- rows
+          ending in "+gather" count as peers too -- and ms(ours) / ms(that peer) (> 1: ours
+          is slower); None where no peer ran or ours did not. The tables show it in the
+          "ours/fastest" column as e.g. "1.25 vs flashinfer-fa3".
 """
 from __future__ import annotations
 
@@ -18,7 +23,8 @@ import json
 import os
 import re
 
-COLUMNS = ("case", "block", "impl", "ms", "TFLOP/s", "GB/s", "ours/peer", "note")
+COLUMNS = ("case", "block", "impl", "ms", "TFLOP/s", "GB/s", "ours/peer", "ours/fastest",
+           "note")
 
 
 def slug(name):
@@ -55,17 +61,38 @@ def finalize(records, case_numbers):
         ours = [r for r in rows if r["kind"] == "ours" and r.get("status") == "ok"]
         peers = [r for r in rows if r["kind"] == "peer" and r.get("status") == "ok"]
         best = min((r["ms"] for r in ours), default=None)
+        fastest = min(peers, key=lambda p: p["ms"], default=None)
         for r in rows:
             if r["kind"] == "peer":
                 r["ratio"] = (best / r["ms"]) if (best and r.get("status") == "ok") else None
             else:
                 r["vs"] = ({p["impl"]: r["ms"] / p["ms"] for p in peers}
                            if r.get("status") == "ok" else {})
+                ran = r.get("status") == "ok" and fastest is not None
+                r["fastest_peer"] = fastest["impl"] if fastest is not None else None
+                r["vs_fastest"] = r["ms"] / fastest["ms"] if ran else None
     return records
 
 
 def _fmt(x, spec):
     return "—" if x is None else format(x, spec)
+
+
+def fastest_peers(records):
+    """{(case, block_size): impl of the fastest ok peer row} (after finalize or not)."""
+    best = {}
+    for r in records:
+        if r["kind"] == "peer" and r.get("status") == "ok" and r.get("ms"):
+            key = (r["case"], r["block_size"])
+            if key not in best or r["ms"] < best[key]["ms"]:
+                best[key] = r
+    return {k: r["impl"] for k, r in best.items()}
+
+
+def _vs_fastest(r):
+    if r["kind"] == "peer" or r.get("vs_fastest") is None:
+        return ""
+    return f"{r['vs_fastest']:.2f} vs {r.get('fastest_peer')}"
 
 
 def table_rows(records):
@@ -82,6 +109,7 @@ def table_rows(records):
             _fmt(r.get("tflops") if ok else None, ".1f"),
             _fmt(r.get("gbps") if ok else None, ".0f"),
             _fmt(r.get("ratio"), ".2f") if r["kind"] == "peer" else "",
+            _vs_fastest(r),
             note))
     return out
 
@@ -106,7 +134,7 @@ def markdown_table(records, title=None):
     if title:
         lines += [title, ""]
     lines.append("| " + " | ".join(COLUMNS) + " |")
-    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * 4 + ["---"]) + "|")
+    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * 5 + ["---"]) + "|")
     for row in table_rows(records):
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |")
     return "\n".join(lines) + "\n"

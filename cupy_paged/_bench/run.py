@@ -1,7 +1,9 @@
-"""Benchmark cupy_paged's GPU backends against torch peers on the same data, same process.
+"""Benchmark cupy_paged's GPU backends against torch and paged peers, same data, same process.
 
     python -m cupy_paged bench [--case NAME ...] [--block-size 16 ...] [--backends flash,mea]
-                               [--peers sdpa-flash,sdpa-efficient,sdpa-cudnn,flex]
+                               [--peers sdpa-flash,sdpa-efficient,sdpa-cudnn,flex,
+                                        flashinfer-fa2,flashinfer-fa3,flashinfer-decode,
+                                        flashinfer-decode-tc,cudnn-paged]
                                [--out DIR] [--quick] [--time-budget S] [--list]
 
 (``python benchmarks/run.py`` in a source checkout runs this same module.)
@@ -23,6 +25,22 @@ pyproject.toml and benchmarks/run.py), and to ./bench-results in the current dir
 is installed (a wheel has no benchmarks/ folder).
 
 --list prints the cases and their two numbers and needs neither torch nor a GPU.
+
+Paged peers (peers_paged.py), on our paged caches in place: flashinfer-fa2 / flashinfer-fa3
+(BatchPrefillWithPagedKVCacheWrapper, prefill and mixed cases; fa3 also on the decodes),
+flashinfer-decode / flashinfer-decode-tc (BatchDecodeWithPagedKVCacheWrapper,
+use_tensor_cores False / True; decode cases) and cudnn-paged (cudnn-frontend sdpa with page
+tables). They are in the --peers default when their package is importable; named explicitly
+without it, they give 'unsupported' rows. They run after the SDPA rows and before ours.
+FlashInfer JIT-compiles its kernels (~90 s for all four kinds): a background thread starts
+that at the beginning of the run (a tiny plan + run per wrapper kind), so the compile overlaps
+the copy/matmul measurements and the SDPA rows; the FlashInfer builders wait for it. On the
+GPU machine, with the trimmed packages of the checkout's .peers/site (carry .peers):
+
+    export PYTHONPATH=$PWD/.peers/site:$PYTHONPATH
+    export FLASHINFER_CUDA_ARCH_LIST=9.0a MAX_JOBS=14 FLASHINFER_NVCC_THREADS=1 \
+           FLASHINFER_WORKSPACE_BASE=/tmp/fi_ws
+    python -m cupy_paged bench --quick
 """
 from __future__ import annotations
 
@@ -53,7 +71,24 @@ def default_out(root=None):
 
 
 DEFAULT_OUT = default_out()
-ALL_PEERS = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex")
+TORCH_PEERS = ("sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "flex")
+PAGED_PEERS = {"flashinfer-fa2": "flashinfer", "flashinfer-fa3": "flashinfer",
+               "flashinfer-decode": "flashinfer", "flashinfer-decode-tc": "flashinfer",
+               "cudnn-paged": "cudnn"}          # peer -> the package it needs
+ALL_PEERS = TORCH_PEERS + tuple(PAGED_PEERS)
+
+
+def default_peers():
+    """The --peers default: the torch peers, plus each paged peer whose package is found
+    (importlib.util.find_spec: nothing is imported)."""
+    import importlib.util
+
+    def found(pkg):
+        try:
+            return importlib.util.find_spec(pkg) is not None
+        except (ImportError, ValueError):
+            return False
+    return TORCH_PEERS + tuple(p for p, pkg in PAGED_PEERS.items() if found(pkg))
 OUR_BACKENDS = ("flash", "mea", "mea-attn")  # mea-attn: mea's attention kernel alone
 QUICK_BUDGET_S = 200.0
 H100_FP16_DENSE = 800e12     # fallback when the matrix product is not measured
@@ -69,8 +104,10 @@ def parse_args(argv=None, prog="benchmarks/run.py"):
                    metavar="N", help="block sizes (default 16; prefill_8x2048 also 256)")
     p.add_argument("--backends", default="flash,mea",
                    help="our backends, comma-separated (default flash,mea)")
-    p.add_argument("--peers", default=",".join(ALL_PEERS),
-                   help=f"peers, comma-separated from {','.join(ALL_PEERS)}; '' for none")
+    p.add_argument("--peers", default=",".join(default_peers()),
+                   help=f"peers, comma-separated from {','.join(ALL_PEERS)}; '' for none "
+                        "(default: the torch peers and the paged peers whose package is "
+                        "importable: %(default)s)")
     p.add_argument("--no-gather-timed", action="store_true",
                    help="skip the SDPA rows that time the paged->dense gather")
     p.add_argument("--out", default=DEFAULT_OUT,
@@ -170,16 +207,31 @@ def _try(f):
         return None
 
 
-PHASES = ("SDPA", "ours", "FlexAttention")
+PHASES = ("SDPA", "paged", "ours", "FlexAttention")
+
+
+def _start_flashinfer_warmup(args, case_list):
+    """Start FlashInfer's JIT compile in a background thread for the wrapper kinds the run
+    will use (peers_paged.start_warmup); logs whether it started."""
+    from . import peers_paged as PP
+    kinds = sorted({k for c in case_list for n, k in PP.specs_for(c, args.peers)
+                    if k in PP.FLASHINFER_KINDS})
+    if kinds and case_list:
+        c = case_list[0]
+        started = PP.start_warmup(kinds, c.num_heads, c.kv_num_heads, c.head_size, c.dtype)
+        _log(f"FlashInfer JIT warm-up ({', '.join(kinds)}): "
+             + ("compiling in the background" if started else "not started (not importable)"))
 
 
 def _impl_specs(args, case, meta, sets, peers):
-    """{phase: [(name, kind, builder)]}: SDPA peers, then ours, then FlexAttention.
+    """{phase: [(name, kind, builder)]}: SDPA peers, paged peers, ours, then FlexAttention.
 
     SDPA first, so a crash of one of our backends in development (a sticky CUDA error fails
-    every later row of the process) cannot take the peer numbers with it; flex last, since
-    its compiles take the most time and the budget cuts there.
+    every later row of the process) cannot take the peer numbers with it; the paged peers
+    (FlashInfer, cuDNN page tables) next, while FlashInfer's background compile has had the
+    SDPA rows' time; flex last, since its compiles take the most time and the budget cuts there.
     """
+    from . import peers_paged as PP
     specs = {ph: [] for ph in PHASES}
     for be in ("flash", "efficient", "cudnn"):
         if f"sdpa-{be}" not in args.peers:
@@ -196,6 +248,10 @@ def _impl_specs(args, case, meta, sets, peers):
     if "mea" in args.backends or "mea-attn" in args.backends:
         specs["ours"].append(("ours:mea-attn", "ours",
                               lambda: peers.build_mea_attention_only(case, meta, sets)))
+    for name, pk in PP.specs_for(case, args.peers):
+        build = ((lambda: PP.build_cudnn(case, meta, sets)) if pk == "cudnn" else
+                 (lambda pk=pk: PP.build_flashinfer(pk, case, meta, sets)))
+        specs["paged"].append((name, "peer", build))
     if "flex" in args.peers:
         specs["FlexAttention"].append(
             ("flex:paged", "peer", lambda: peers.build_flex(case, meta, sets)))
@@ -276,6 +332,9 @@ def run(args, case_list):
                    "rates": "TFLOP/s and GB/s use the case's FLOPs and minimum bytes for "
                             "every row",
                    "ratio": "peer rows: ms(fastest of ours) / ms(peer)",
+                   "vs_fastest": "our rows: ms(ours) / ms(fastest peer row of the same case "
+                                 "and block size, +gather rows included); fastest_peer "
+                                 "names it",
                    "ours": "paged_attention(..., backend=b, out=preallocated); includes the "
                            "prologue (new K/V written to the caches); no rotary",
                    "inputs": "random fp16 (never zeros); block tables a random permutation "
@@ -300,6 +359,7 @@ def run(args, case_list):
         _log(f"{env['card']} (sm{env['sm']}, L2 {env['l2_bytes'] / 2**20:.0f} MiB); torch "
              f"{env['torch']}, cupy {env['cupy']}, cupy_paged {env['cupy_paged']}; one stream "
              f"shared by torch and CuPy: {doc['stream']['shared']}")
+        _start_flashinfer_warmup(args, case_list)
         copy = timing.copy_bandwidth(**tkw)
         mm = timing.matmul_rate(**tkw)
         doc["copy"], doc["matmul"] = copy, mm
@@ -318,6 +378,7 @@ def run(args, case_list):
         _log(report.floors_table(doc["cases"]))
 
         wanted = {"SDPA": any(x.startswith("sdpa") for x in args.peers),
+                  "paged": any(x in PAGED_PEERS for x in args.peers),
                   "ours": bool(args.backends), "FlexAttention": "flex" in args.peers}
         for phase in PHASES:
             if not wanted[phase]:
@@ -372,7 +433,8 @@ def run(args, case_list):
     json_path, md_path = save()
     _log(f"\nwrote {json_path} and {md_path} ({doc['wall_s']} s)")
     _log(f"copy {doc['copy_gbps']:.0f} GB/s, matmul {doc['matmul_tflops']:.0f} TFLOP/s; "
-         "ours/peer = ms(fastest of ours) / ms(peer)\n")
+         "ours/peer = ms(fastest of ours) / ms(peer); ours/fastest = ms(ours) / ms(fastest "
+         "peer of the case, named in the cell)\n")
     _log(report.text_table(doc["results"]))
     if args.plot:
         from . import plot
