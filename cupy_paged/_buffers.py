@@ -10,7 +10,7 @@ import numpy as np
 # What each call writes (the caches in place, out as its result), then what it only reads.
 WRITTEN = ("key_cache", "value_cache", "out")
 READ = ("query", "key", "value", "cumulative_sequence_length", "past_seqlens", "block_table",
-        "cos_cache", "sin_cache")
+        "cos_cache", "sin_cache", "head_sink")
 _VECTORS = ("query", "key", "value")   # read by the GPU kernels in 16-byte vectors, as written
 
 
@@ -34,7 +34,7 @@ def check_buffers(a, kind, aligned=False):
                     f"(e.g. {name}.copy()) and keep using that one")
         _raise_overlap(a, np.may_share_memory)
         return
-    spans = {n: _span(a[n]) for n in WRITTEN + READ}
+    spans = {n: _span(a.get(n)) for n in WRITTEN + READ}
     check_device_buffers({n: lo for n, (lo, _) in spans.items()},
                          {n: hi - lo for n, (lo, hi) in spans.items()}, a, aligned)
 
@@ -52,7 +52,7 @@ def check_device_buffers(ptr, sizes, a, aligned=True):
     o1 = o0 + sizes["out"]
     shared = k0 < v1 and v0 < k1 or o0 < k1 and k0 < o1 or o0 < v1 and v0 < o1
     for name in READ:
-        lo = ptr[name]
+        lo = ptr.get(name, 0)
         hi = lo + sizes[name]
         if lo < hi and (lo < k1 and k0 < hi or lo < v1 and v0 < hi or lo < o1 and o0 < hi):
             shared = True
@@ -80,7 +80,8 @@ def buffer_sizes(problem):
             "value_cache": cache, "cumulative_sequence_length": (problem.batch + 1) * i32,
             "past_seqlens": problem.batch * i32,
             "block_table": problem.batch * problem.max_blocks * i32, "cos_cache": rotary,
-            "sin_cache": rotary, "out": T * N * H * e}
+            "sin_cache": rotary, "out": T * N * H * e,
+            "head_sink": N * e if problem.head_sink else 0}
 
 
 def _span(x):
@@ -93,7 +94,7 @@ def _span(x):
 
 def _raise_overlap(a, overlaps):
     """ValueError for the first written array that overlaps a later argument, if any."""
-    present = [(n, a[n]) for n in WRITTEN + READ if a[n] is not None]
+    present = [(n, a.get(n)) for n in WRITTEN + READ if a.get(n) is not None]
     for i, (name, x) in enumerate(present):
         for other, y in present[i + 1:]:
             if name in WRITTEN and overlaps(x, y):

@@ -43,6 +43,7 @@ class Problem:
     max_seqlen_q: int | None = None     # >= every q_len
     max_seqlen_k: int | None = None     # >= every past + q_len
     total_kv_tokens: int | None = None  # >= sum of past + q_len
+    head_sink: bool = False             # a (N,) head_sink array is given
 
     @property
     def group(self):
@@ -121,6 +122,12 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
     num_tokens, packed = _check_qkv(a, dtype, num_heads, kv_num_heads, head_size)
     batch = _check_metadata_shapes(a)
     rotary_dim, cos_rows = _check_rotary(a, dtype, head_size, do_rotary)
+    head_sink = a.get("head_sink")
+    if head_sink is not None:
+        _dtype_is("head_sink", head_sink, dtype)
+        if tuple(head_sink.shape) != (num_heads,):
+            raise ValueError(f"head_sink: expected shape (num_heads,) = ({num_heads},), got "
+                             f"{tuple(head_sink.shape)}")
     out = a.get("out")
     if out is not None:
         _dtype_is("out", out, dtype)
@@ -137,7 +144,8 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
         rotary_dim=rotary_dim, cos_rows=cos_rows,
         max_seqlen_q=_optional_bound("max_seqlen_q", max_seqlen_q),
         max_seqlen_k=_optional_bound("max_seqlen_k", max_seqlen_k),
-        total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens))
+        total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens),
+        head_sink=head_sink is not None)
 
 
 def check_metadata(problem, cum, past, block_table):

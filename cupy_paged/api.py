@@ -20,6 +20,7 @@ def paged_attention(
     do_rotary=False, rotary_interleaved=False,
     backend="auto", validate=False, out=None,
     max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None, options=None,
+    head_sink=None,
 ):
     """Attention of new tokens over a paged KV cache (ONNX Runtime ``PagedAttention`` semantics).
 
@@ -33,6 +34,9 @@ def paged_attention(
     dtypes: float16 / bfloat16 on the GPU; float16 / float32 / float64 on NumPy.
     scale: 0 means 1/sqrt(H); softcap > 0 caps logits as c*tanh(s/c); local_window_size > 0
     lets each query see that many keys ending at itself.
+    head_sink: optional (N,) in query's dtype: a sink logit per query head that joins each
+    row's softmax denominator and contributes no value (ONNX Runtime's head_sink input);
+    flash and reference backends.
     backend: "auto" | "flash" | "mea" | "reference". validate: also run the data-dependent
     checks on GPU input on the host before the launch, and after it wait for the GPU and raise
     the metadata guard's error (``check_errors``); NumPy input is always checked. Without it,
@@ -51,7 +55,7 @@ def paged_attention(
     """
     requested = backends.check_backend_name(backend)
     adopted = _adopt(query, key, value, key_cache, value_cache, cumulative_sequence_length,
-                     past_seqlens, block_table, cos_cache, sin_cache, out)
+                     past_seqlens, block_table, cos_cache, sin_cache, out, head_sink)
     problem = _validate.check_arguments(
         adopted.arrays, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
         softcap=softcap, local_window_size=local_window_size, do_rotary=do_rotary,
@@ -77,7 +81,7 @@ def plan(query, key, value, key_cache, value_cache, cumulative_sequence_length, 
     requested = backends.check_backend_name(backend)
     adopted = _adopt(query, key, value, key_cache, value_cache, cumulative_sequence_length,
                      past_seqlens, block_table, cos_cache, sin_cache,
-                     attributes.pop("out", None))
+                     attributes.pop("out", None), attributes.pop("head_sink", None))
     attributes = _attributes(**attributes)
     problem = _validate.check_arguments(adopted.arrays, **attributes)
     options = DEFAULT_OPTIONS if options is None else options
@@ -114,11 +118,12 @@ class AttentionPlan:
 
     def __call__(self, query, key, value, key_cache, value_cache, cumulative_sequence_length,
                  past_seqlens, block_table, cos_cache=None, sin_cache=None, *, out=None,
-                 validate=False):
-        """Run one call; returns (T, N*H) like ``paged_attention``."""
+                 validate=False, head_sink=None):
+        """Run one call; returns (T, N*H) like ``paged_attention`` (head_sink: present
+        exactly when it was present in the planned call)."""
         adopted = _adopt(query, key, value, key_cache, value_cache,
                          cumulative_sequence_length, past_seqlens, block_table, cos_cache,
-                         sin_cache, out)
+                         sin_cache, out, head_sink)
         problem = _validate.check_arguments(adopted.arrays, **self._attributes)
         made = self._plan
         if problem != made.problem or adopted.device != made.device:
@@ -134,13 +139,13 @@ class AttentionPlan:
 
 
 def _adopt(query, key, value, key_cache, value_cache, cum, past, block_table, cos_cache,
-           sin_cache, out):
+           sin_cache, out, head_sink=None):
     """The call's arrays by argument name, adopted (``_arrays.adopt_arrays``)."""
     return adopt_arrays({
         "query": query, "key": key, "value": value, "key_cache": key_cache,
         "value_cache": value_cache, "cumulative_sequence_length": cum, "past_seqlens": past,
         "block_table": block_table, "cos_cache": cos_cache, "sin_cache": sin_cache,
-        "out": out})
+        "out": out, "head_sink": head_sink})
 
 
 def _run(plan_, adopted, out, validate):

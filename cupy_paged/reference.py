@@ -22,7 +22,7 @@ def paged_attention_reference(
     cumulative_sequence_length, past_seqlens, block_table,
     cos_cache=None, sin_cache=None, *,
     num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
-    do_rotary=False, rotary_interleaved=False, compute_dtype=np.float32,
+    do_rotary=False, rotary_interleaved=False, compute_dtype=np.float32, head_sink=None,
 ):
     """Paged attention on NumPy arrays, following ``docs/semantics.md``.
 
@@ -31,6 +31,7 @@ def paged_attention_reference(
     in place with the new (rotated) keys and values, cast to the cache dtype.
     cumulative_sequence_length: int (B+1,); past_seqlens: int (B,); block_table: int (B, max_blocks).
     cos_cache, sin_cache: (max_pos, R/2). compute_dtype: float32 or float64 arithmetic.
+    head_sink: None, or (N,): a sink logit per query head in every row's softmax denominator.
     Returns (T, N*H) in query's dtype. Input must already be valid (no checks here).
     Arithmetic follows IEEE like the GPU kernels (an overflow gives inf, whatever
     ``numpy.seterr`` says); an exception after the cache write (MemoryError,
@@ -48,6 +49,7 @@ def paged_attention_reference(
     with np.errstate(all="ignore"):     # IEEE results, like the kernels
         q, k, v = _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd)
         seq_of_token, pos = token_positions(cum, past)
+        sink = None if head_sink is None else np.asarray(head_sink).astype(cd)
         if do_rotary:
             cos = np.asarray(cos_cache).astype(cd)[pos]
             sin = np.asarray(sin_cache).astype(cd)[pos]
@@ -63,7 +65,7 @@ def paged_attention_reference(
             value_cache[slots] = v_new
             out = _attend_sequences(q, key_cache, value_cache, cum, past, table, pos,
                                     softmax_scale, softcap, local_window_size,
-                                    num_heads // kv_num_heads, cd)
+                                    num_heads // kv_num_heads, cd, sink)
             return out.reshape(num_tokens, num_heads * head_size).astype(query.dtype)
         except BaseException:
             # A slot two tokens write was saved once, before either write.
@@ -118,7 +120,7 @@ def _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd):
 
 
 def _attend_sequences(q, key_cache, value_cache, cum, past, table, pos, scale, softcap, window,
-                      group, cd):
+                      group, cd, sink=None):
     """Each sequence's new queries q (T, N, H) over its keys in the caches; returns (T, N, H)."""
     out = np.zeros(q.shape, dtype=cd)
     for b in range(len(past)):
@@ -130,7 +132,7 @@ def _attend_sequences(q, key_cache, value_cache, cum, past, table, pos, scale, s
         for lo in range(start, stop, _QUERY_CHUNK):
             hi = min(lo + _QUERY_CHUNK, stop)
             out[lo:hi] = _attend(q[lo:hi], keys, values, mapped, pos[lo:hi], scale, softcap,
-                                 window, group)
+                                 window, group, sink)
     return out
 
 
@@ -153,8 +155,9 @@ def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd):
     return keys, values, mapped
 
 
-def _attend(q, keys, values, mapped, qpos, scale, softcap, window, group):
-    """Softmax attention of q (rows, N, H) over one sequence's keys; returns (rows, N, H)."""
+def _attend(q, keys, values, mapped, qpos, scale, softcap, window, group, sink=None):
+    """Softmax attention of q (rows, N, H) over one sequence's keys; returns (rows, N, H).
+    sink: None, or (N,) logits that join each row's denominator and add no value."""
     kpos = np.arange(len(keys))
     visible = mapped[None, :] & (kpos[None, :] <= qpos[:, None])
     if window > 0:
@@ -165,9 +168,24 @@ def _attend(q, keys, values, mapped, qpos, scale, softcap, window, group):
     if softcap > 0:
         s = softcap * np.tanh(s / softcap)
     s = np.where(visible[None], s, -np.inf)
+    if sink is not None:
+        return _softmax_with_sink(s, sink[:, None, None], v)
     row_max = s.max(axis=-1, keepdims=True)
     seen = np.isfinite(row_max)
     p = np.exp(s - np.where(seen, row_max, 0.0))
     denom = p.sum(axis=-1, keepdims=True)
     p = p / np.where(seen, denom, 1.0)
     return np.einsum("nqk,knh->qnh", p, v)
+
+
+def _softmax_with_sink(s, sink, v):
+    """sum_k e^(s_k - m) v_k / (e^(sink - m) + sum_k e^(s_k - m)) with m over the keys and the
+    sink: s (N, rows, kv_len) logits (-inf hidden), sink (N, 1, 1), v (kv_len, N, H). A row
+    with no key gives 0; with no key and a sink of -inf, 0 too."""
+    row_max = np.maximum(s.max(axis=-1, keepdims=True), sink)
+    shift = np.where(np.isfinite(row_max), row_max, 0.0)
+    p = np.exp(s - shift)
+    denom = p.sum(axis=-1, keepdims=True) + np.exp(sink - shift)
+    p = p / np.where(denom > 0, denom, 1.0)
+    return np.einsum("nqk,knh->qnh", p, v)
+

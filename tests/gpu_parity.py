@@ -42,12 +42,16 @@ def check_backend(case, rng, backend, gpu_dtype, **call_kwargs):
     dev = [None if x is None else cupy.asarray(low[i] if low[i] is not None else x)
            for i, x in enumerate(inp.args)]
 
+    ref_kw, dev_kw = dict(inp.kwargs), dict(inp.kwargs)
+    if inp.kwargs.get("head_sink") is not None:       # rounded like the other inputs
+        sink = inp.kwargs["head_sink"].astype(lowp)
+        ref_kw["head_sink"], dev_kw["head_sink"] = sink.astype(np.float32), cupy.asarray(sink)
     ref_kc, ref_vc = host[3].copy(), host[4].copy()
-    ref = paged_attention_reference(*host[:3], ref_kc, ref_vc, *host[5:], **inp.kwargs)
+    ref = paged_attention_reference(*host[:3], ref_kc, ref_vc, *host[5:], **ref_kw)
 
     T, N, H = host[0].shape[0], inp.kwargs["num_heads"], host[3].shape[3]
     out = cupy.full((T, N * H), np.nan, dtype=lowp)
-    got = cupy_paged.paged_attention(*dev, **inp.kwargs, backend=backend, out=out,
+    got = cupy_paged.paged_attention(*dev, **dev_kw, backend=backend, out=out,
                                      **call_kwargs)
     assert got is out
     tag = f"{case.name} [{gpu_dtype}, {backend}]"

@@ -44,8 +44,10 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                           cumulative_sequence_length, past_seqlens, block_table,
                           cos_cache=None, sin_cache=None, *,
                           num_heads, kv_num_heads, scale=0.0, softcap=0.0,
-                          local_window_size=-1, do_rotary=False, rotary_interleaved=False):
+                          local_window_size=-1, do_rotary=False, rotary_interleaved=False,
+                          head_sink=None):
     """Return (out, new_key_cache, new_value_cache); the caches given are not modified.
+    head_sink: None, or (N,) sink logits that join each row's denominator (no value).
 
     out is (T, N*H) in query.dtype; the new caches are copies in the caches' dtype.
     """
@@ -116,9 +118,12 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                     scores.append(s)
                 if not scores:
                     continue                          # a row that sees no key is 0
-                m = max(scores)
+                sink = None if head_sink is None else float(head_sink[n])
+                m = max(scores + ([sink] if sink is not None else []))
                 weights = [math.exp(s - m) for s in scores]
                 total = sum(weights)
+                if sink is not None:
+                    total += math.exp(sink - m)       # the sink: in the denominator only
                 acc = numpy.zeros(H, dtype=numpy.float64)
                 for w, k in zip(weights, keys):
                     blk = int(block_table[b][k // bs])

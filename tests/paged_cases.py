@@ -45,6 +45,7 @@ class Case:
     extra_cols: int = 0       # table columns past the need, holding other sequences' block ids
     dtype: str = "float64"
     api: bool = False         # through cupy_paged.paged_attention(backend="reference")
+    sink: float = 0.0         # > 0: a head_sink of N logits drawn at this scale (head 1: -inf)
 
 
 def draw_lens(case, rng):
@@ -123,6 +124,11 @@ def make_inputs(case, rng):
     kwargs = dict(num_heads=N, kv_num_heads=Nkv, scale=case.scale, softcap=case.softcap,
                   local_window_size=case.W, do_rotary=case.rotary != "none",
                   rotary_interleaved=case.rotary == "gptj")
+    if case.sink:                                     # drawn last: other cases' draws unchanged
+        sink = rng.normal(0.0, case.sink, N)
+        if N > 2:
+            sink[1] = -np.inf                         # -inf: that head has no sink
+        kwargs["head_sink"] = sink.astype(dt)
     return Inputs(args, kwargs, q_lens, pasts)
 
 
@@ -303,3 +309,23 @@ def build_cases():
             cases.append(dataclasses.replace(by_name[name], name=f"api-{dt}-{name}",
                                              dtype=dt, api=True))
     return cases
+
+
+def sink_cases():
+    """Cases with a head sink (ONNX Runtime's head_sink input): alone and with GQA, window,
+    softcap, rotary, packed QKV, holes, empty sequences and rows that see no key, at sink
+    scales from below to far above the logits."""
+    return [
+        Case("sink-mixed", sink=1.0, N=6, Nkv=2, H=16),
+        Case("sink-decode-gqa", sink=2.0, mode="decode", B=5, N=8, Nkv=2, H=16, bs=3),
+        Case("sink-prefill-big", sink=30.0, mode="prefill", B=2, N=4, Nkv=4, H=8, bs=5),
+        Case("sink-chunk-window-cap", sink=1.0, mode="chunk", W=3, softcap=5.0, q_gain=4.0,
+             N=4, Nkv=1, H=16, bs=4, rotary="gptj"),
+        Case("sink-packed-holes", sink=0.5, mode="chunk", holes=3, bs=2, B=4, packed=True,
+             rotary="neox"),
+        Case("sink-empty-rows", sink=1.0, lens=((0, 4), (3, 2), (2, 0)), unmapped=(1,), bs=2,
+             N=4, Nkv=2),
+        Case("sink-long-decode", sink=1.0, lens=((1, 300), (1, 40), (1, 0)), N=4, Nkv=2,
+             H=16, bs=16),
+    ]
+

@@ -18,9 +18,11 @@ ARRAYS = WRITTEN + _buffers.READ
 
 
 def full_case(seed):
-    """A valid rotary call with every array given, ``out`` too."""
+    """A valid rotary call with every array given, ``out`` and ``head_sink`` too."""
     kw = make_case(rotary=True, seed=seed)
-    kw["out"] = np.random.default_rng(seed).standard_normal((T, N * H)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    kw["out"] = rng.standard_normal((T, N * H)).astype(np.float32)
+    kw["head_sink"] = rng.standard_normal(N).astype(kw["query"].dtype)
     return kw
 
 

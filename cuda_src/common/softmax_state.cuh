@@ -39,6 +39,14 @@ __device__ __forceinline__ float inv_sum(float l) {
   return l > 0.0f ? __fdividef(1.0f, l) : 0.0f;
 }
 
+// A head sink (docs/semantics.md): a logit `sink` (log2 units; -inf: none) that joins the
+// softmax denominator and adds no value. Its term in a denominator whose terms carry 2^-m:
+// 2^(sink - m), or 0 for a row that saw no key (m = -inf: its o is 0 and stays 0). Overflow
+// (sink far above every logit) gives inf, and the row's output 0, its limit.
+__device__ __forceinline__ float sink_term(float sink, float m) {
+  return m == neg_inf() ? 0.0f : fast_exp2(sink - m);
+}
+
 // The same rule for an epilogue that divides by the sum itself: l, or 1 for a row that saw no
 // key (its o is 0 and stays 0).
 __device__ __forceinline__ float divisor(float l) { return l > 0.0f ? l : 1.0f; }
@@ -77,6 +85,10 @@ struct RowState {
     return w;
   }
   __device__ __forceinline__ float inv_sum() const { return softmax::inv_sum(l); }
+  // 1 / (l + the sink's term): the factor that normalises o with a head sink (log2 units).
+  __device__ __forceinline__ float inv_sum(float sink) const {
+    return softmax::inv_sum(l + sink_term(sink, m));
+  }
   __device__ __forceinline__ float lse() const { return softmax::lse(m, l); }
 };
 

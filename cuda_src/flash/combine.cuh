@@ -4,6 +4,7 @@
 #pragma once
 #include "common/dtypes.cuh"
 #include "common/pdl.cuh"
+#include "common/score_transform.cuh"
 #include "common/softmax_state.cuh"
 #include "flash/params.cuh"
 
@@ -58,12 +59,13 @@ __device__ __forceinline__ void add_splits(float (&acc)[4], float& wsum, const f
   }
 }
 
-// out's 4 channels at c of one row: the merge of its num_splits partial states.
+// out's 4 channels at c of one row: the merge of its num_splits partial states, with the row's
+// head sink (log2 units; -inf: none) in the denominator.
 template <typename T>
 __device__ __forceinline__ void combine_row(const float* __restrict__ partial_o,
                                             const float* __restrict__ partial_lse,
                                             T* __restrict__ out, long long row, int c, int rows,
-                                            int head_size, int num_splits) {
+                                            int head_size, int num_splits, float sink) {
   constexpr int K = kCombineChunk;
   const long long split_stride = rows;  // between one split's lse of a row and the next's
   float first[K];  // lse of splits 0 .. K - 1, kept for the second pass
@@ -87,6 +89,8 @@ __device__ __forceinline__ void combine_row(const float* __restrict__ partial_o,
   float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
   float wsum = 0.0f;
   if (mx != softmax::neg_inf()) {  // else every weight is 0: no split saw a key
+    mx = fmaxf(mx, sink);          // the weights' reference covers the sink too
+    wsum = softmax::sink_term(sink, mx);
     add_splits(acc, wsum, first, mx, partial_o, row, split_stride, 0, num_splits, head_size, c);
     for (int s0 = K; s0 < num_splits; s0 += K) {
       float lse[K];
@@ -119,8 +123,12 @@ __device__ __forceinline__ void combine(const CombineParams& p) {
        i += static_cast<long long>(gridDim.x) * blockDim.x) {
     const long long row = i / quads;
     const int c = static_cast<int>(i - row * quads) * 4;
+    const float sink =
+        p.head_sink == nullptr
+            ? softmax::neg_inf()
+            : to_float(static_cast<const T*>(p.head_sink)[row % p.num_heads]) * kLog2e;
     combine_row(p.partial_o, p.partial_lse, static_cast<T*>(p.out), row, c, p.rows,
-                p.head_size, p.num_splits);
+                p.head_size, p.num_splits, sink);
   }
 }
 

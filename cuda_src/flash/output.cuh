@@ -2,6 +2,7 @@
 // split's normalised partial rows and their log2-sum-exp2 for the combine (flash/combine.cuh).
 #pragma once
 #include "common/dtypes.cuh"
+#include "common/score_transform.cuh"
 #include "flash/cta_tile.cuh"
 #include "flash/online_softmax.cuh"
 #include "flash/paged_tiles.cuh"
@@ -9,8 +10,17 @@
 namespace cupy_paged {
 namespace flash {
 
-// Stages the tile's output rows (o / l, rounded to T) in sQ, then writes whole 16-byte chunks to
-// out (T, N*H). Only the leading warp of each row group holds results (flash/key_warps.cuh).
+// The sink logit of tile row r's query head (log2 units), or -inf without head sinks.
+template <class Tr>
+__device__ __forceinline__ float row_sink(const FwdParams& p, const CtaTile& t, int r) {
+  if (p.head_sink == nullptr) return softmax::neg_inf();
+  const int row = t.row0 + r, head = t.kvh * t.group + row % t.group;
+  return to_float(static_cast<const typename Tr::T*>(p.head_sink)[head]) * kLog2e;
+}
+
+// Stages the tile's output rows (o / (l + sink term), rounded to T) in sQ, then writes whole
+// 16-byte chunks to out (T, N*H). Only the leading warp of each row group holds results
+// (flash/key_warps.cuh).
 template <class Tr, int MF, int DF>
 __device__ __forceinline__ void write_output(const FwdParams& p, const CtaTile& t,
                                              const WarpRole<Tr>& me, unsigned char* sQ,
@@ -24,8 +34,8 @@ __device__ __forceinline__ void write_output(const FwdParams& p, const CtaTile& 
     for (int mf = 0; mf < MF; ++mf)
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float inv = st[mf][h].inv_sum();
         const int r = me.row(mf, h);
+        const float inv = st[mf][h].inv_sum(row_sink<Tr>(p, t, r));
 #pragma unroll
         for (int d = 0; d < DF; ++d)
           *reinterpret_cast<unsigned*>(sQ + L::at(r, d) + (me.lane & 3) * 4) =
@@ -51,7 +61,8 @@ __device__ __forceinline__ void write_output(const FwdParams& p, const CtaTile& 
   }
 }
 
-// Split: this split's normalised output and log2-sum-exp2, fp32, for the combine kernel.
+// Split: this split's normalised output and log2-sum-exp2, fp32, for the combine kernel (which
+// adds the head sink, once per row).
 template <class Tr, int MF, int DF>
 __device__ __forceinline__ void write_partials(const FwdParams& p, const CtaTile& t,
                                                const WarpRole<Tr>& me,

@@ -18,6 +18,7 @@ struct FwdParams {
   float* partial_o;         // (num_splits, T*N, H), normalised per split (num_splits > 1)
   float* partial_lse;       // (num_splits, T*N), log2 of each split's row sum (-inf: no key)
   const int* fault;         // null, or the metadata guard's (B+1,) flags (backends/_guard.py)
+  const void* head_sink;    // null, or (N,) in T: each query head's sink logit (num_splits 1)
   int num_tokens;
   int batch;
   int num_heads;
@@ -42,10 +43,12 @@ struct CombineParams {
   const float* partial_lse; // (num_splits, rows)
   void* out;                // (rows, H) = (T, N*H)
   const int* fault;         // null, or the guard's (batch+1,) flags
+  const void* head_sink;    // null, or (N,) in T: each query head's sink logit
   int rows;
   int head_size;
   int num_splits;
   int batch;
+  int num_heads;            // N: row r's head is r % N
 };
 
 }  // namespace flash

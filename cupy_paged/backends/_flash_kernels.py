@@ -148,7 +148,8 @@ class ForwardStep:
             rows = T * N
             combine_grid = (max(1, min(-(-rows * H // 4 // _COMBINE_THREADS),
                                        16 * sm_count(device))), 1, 1)
-            packed = COMBINE_PARAMS.pack(rows=rows, head_size=H, num_splits=splits, batch=B)
+            packed = COMBINE_PARAMS.pack(rows=rows, head_size=H, num_splits=splits, batch=B,
+                                         num_heads=N)
             self.combine = DirectLaunch(get_function(combine, device=device), COMBINE_PARAMS,
                                         packed, combine_grid, (_COMBINE_THREADS,),
                                         programmatic=programmatic)
@@ -163,13 +164,14 @@ class ForwardStep:
         p = call.ptr
         self._launch(call.q_ptr, p["key_cache"], p["value_cache"],
                      p["cumulative_sequence_length"], p["past_seqlens"], p["block_table"],
-                     p["out"], pointer(call.fault), None, call.stream)
+                     p["out"], pointer(call.fault), p.get("head_sink", 0), None, call.stream)
 
     def run(self, q, key_cache, value_cache, cum, past, block_table, out, fault=None,
-            workspace=None, stream=None):
+            workspace=None, stream=None, head_sink=None):
         """Attention of the (already rotated) q over the paged caches into out (see
         ``launch_flash``) on ``stream`` (a handle; None: the current CuPy stream); workspace
-        None: the stream's own (``stream_workspace``)."""
+        None: the stream's own (``stream_workspace``); head_sink: None, or (N,) in q's dtype
+        (the Problem must say ``head_sink``)."""
         if self.problem.num_tokens == 0 or self.problem.batch == 0:
             return out
         q_p, kc_p, vc_p, o_p = (q.data.ptr, key_cache.data.ptr, value_cache.data.ptr,
@@ -179,10 +181,10 @@ class ForwardStep:
         if workspace is not None:
             workspace = self._check_workspace(workspace)
         self._launch(q_p, kc_p, vc_p, cum.data.ptr, past.data.ptr, block_table.data.ptr, o_p,
-                     pointer(fault), workspace, stream)
+                     pointer(fault), pointer(head_sink), workspace, stream)
         return out
 
-    def _launch(self, q, key_cache, value_cache, cum, past, block_table, out, fault,
+    def _launch(self, q, key_cache, value_cache, cum, past, block_table, out, fault, sink,
                 workspace, stream):
         """The launches on ``stream`` (a handle; None: the current CuPy stream) from the
         arguments' device addresses; workspace None: the stream's own."""
@@ -193,9 +195,9 @@ class ForwardStep:
         else:
             po_p = pl_p = out  # never dereferenced with num_splits == 1
         self.forward(q, key_cache, value_cache, cum, past, block_table, out, po_p, pl_p, fault,
-                     stream=stream)
+                     sink, stream=stream)
         if self.combine is not None:
-            self.combine(po_p, pl_p, out, fault, stream=stream)
+            self.combine(po_p, pl_p, out, fault, sink, stream=stream)
 
     def _workspace(self, stream):
         """The stream's workspace, remembered for the last stream this step ran on (a
@@ -256,7 +258,7 @@ def _standalone_step(problem, device, sm, tile, num_splits):
 
 
 def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out, sm,
-                 num_splits=None, workspace=None, fault=None, tile=None):
+                 num_splits=None, workspace=None, fault=None, tile=None, head_sink=None):
     """The forward kernel (and combine) alone, outside a plan, on the current CuPy stream; no
     device->host synchronisation. Returns out.
 
@@ -268,8 +270,10 @@ def launch_flash(problem, q, key_cache, value_cache, cum, past, block_table, out
     call), or float32 (partial_o, partial_lse) of ``workspace_shape(problem, S)`` or larger,
     which a CUDA graph capture must keep alive. fault: None, or the metadata guard's int32
     (B+1,) flags: CTAs of a faulted sequence (all, when fault[B] != 0) write nothing to out,
-    and with split-KV poison their partial sums so the combine writes NaN rows.
+    and with split-KV poison their partial sums so the combine writes NaN rows. head_sink:
+    None, or (N,) in q's dtype: each query head's sink logit in the softmax denominator.
     """
     _check_arrays(q, key_cache, value_cache, out)
     step = _standalone_step(problem, q.data.device_id, int(sm), tile, num_splits)
-    return step.run(q, key_cache, value_cache, cum, past, block_table, out, fault, workspace)
+    return step.run(q, key_cache, value_cache, cum, past, block_table, out, fault, workspace,
+                    head_sink=head_sink)

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Optional inputs beyond the opset-1 contract, each a bool field of ``_validate.Problem`` (True
+# when the call uses it); a backend lists those it honours in ``Capabilities.features``.
+OPTIONAL_FEATURES = ("head_sink",)
+
 
 @dataclass(frozen=True)
 class Capabilities:
@@ -14,6 +18,7 @@ class Capabilities:
     array_kinds: "numpy" and/or "cupy". dtype_min_sm: dtype -> lowest SM (e.g. 80 for bf16;
     0 on the host). max_head_size: largest H (H % 8 == 0 is checked for every call).
     unavailable: a sentence when the backend is not built into this version, else "".
+    features: the optional inputs it honours (``OPTIONAL_FEATURES``: Problem fields).
     """
 
     array_kinds: frozenset
@@ -21,6 +26,7 @@ class Capabilities:
     max_head_size: int = 1 << 30
     min_block_size: int = 1
     unavailable: str = ""
+    features: frozenset = frozenset(OPTIONAL_FEATURES)
 
     def reasons(self, problem, kind, sm):
         """Sentences saying why this backend cannot run ``problem`` (empty: it can).
@@ -44,13 +50,16 @@ class Capabilities:
             out.append(f"head_size {problem.head_size} > {self.max_head_size}")
         if problem.block_size < self.min_block_size:
             out.append(f"block_size {problem.block_size} < {self.min_block_size}")
+        out += [f"{name} is not supported" for name in OPTIONAL_FEATURES
+                if getattr(problem, name) and name not in self.features]
         return out
 
 
-def gpu_capabilities(dtype_min_sm, max_head_size):
-    """The envelope of a backend that runs CuPy arrays: dtype -> lowest SM, largest H."""
+def gpu_capabilities(dtype_min_sm, max_head_size, features=frozenset()):
+    """The envelope of a backend that runs CuPy arrays: dtype -> lowest SM, largest H, the
+    optional inputs it honours."""
     return Capabilities(array_kinds=frozenset({"cupy"}), dtype_min_sm=dtype_min_sm,
-                        max_head_size=max_head_size)
+                        max_head_size=max_head_size, features=frozenset(features))
 
 
 @dataclass(frozen=True)

@@ -36,4 +36,5 @@ def make_plan(problem, device, sm, options, reason):
                 sizes=buffer_sizes(problem))
 
 
-BACKEND = Backend("flash", gpu_capabilities({"float16": 80, "bfloat16": 80}, 256), make_plan)
+BACKEND = Backend("flash", gpu_capabilities({"float16": 80, "bfloat16": 80}, 256,
+                                             features={"head_sink"}), make_plan)

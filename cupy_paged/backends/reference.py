@@ -30,7 +30,7 @@ class _ReferenceStep:
             num_heads=problem.num_heads, kv_num_heads=problem.kv_num_heads,
             scale=problem.scale, softcap=problem.softcap, local_window_size=problem.window,
             do_rotary=problem.do_rotary, rotary_interleaved=problem.rotary_interleaved,
-            compute_dtype=compute)
+            compute_dtype=compute, head_sink=host.get("head_sink"))
         if isinstance(out, np.ndarray):
             out[...] = result
             return
