@@ -307,8 +307,9 @@ def build_cudnn(case, meta, sets):
     for s in sets:
         out = torch.empty(T, N * H, dtype=dt, device=dev)
         qd = s.q if ragged else s.q.as_strided((B, N, sq, H), q_stride)
-        packs.append(dict(fixed, **{q: qd, k: s.kc.permute(0, 2, 1, 3),
-                                    v: s.vc.permute(0, 2, 1, 3), o: out}))
+        # the keys are cudnn tensor handles, not strings: merge, never **-expand
+        packs.append({**fixed, q: qd, k: s.kc.permute(0, 2, 1, 3),
+                      v: s.vc.permute(0, 2, 1, 3), o: out})
     outs = [p[o] for p in packs]
 
     def fn(i):
