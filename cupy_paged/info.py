@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, backends
+from .backends.base import OPTIONAL_FEATURES
 from ._precompile import backend_variants, representative_problem
 
 # The representative calls whose support is reported: a Llama-like layer (N=32, Nkv=8,
@@ -44,7 +45,17 @@ def collect() -> dict:
         "env": {k: os.environ[k] for k in ENV_VARS if k in os.environ},
     }
     info["backends"] = _backends(info["gpu"], info["toolchain"])
+    info["features"] = features()
     return info
+
+
+def features() -> dict:
+    """{optional input: [backends that honour it]} for the inputs beyond the opset-1 contract
+    (``backends.base.OPTIONAL_FEATURES``); a backend missing from a list refuses calls that
+    use that input, by name."""
+    return {name: [b for b, backend in backends.BACKENDS.items()
+                   if name in backend.capabilities.features]
+            for name in OPTIONAL_FEATURES}
 
 
 def format_info(info: dict) -> str:
@@ -96,6 +107,9 @@ def format_info(info: dict) -> str:
         else:
             for i, (dtype, state) in enumerate(states.items()):
                 lines.append(f"  {name if i == 0 else '':10s} {dtype}: {state}")
+    lines.append("optional inputs (backends that take them):")
+    for name, names in info.get("features", {}).items():
+        lines.append(f"  {name:10s} {', '.join(names) or 'none'}")
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ and their sentences are compared with the ``UnsupportedError`` the same call wou
 """
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -34,7 +35,12 @@ def _run(cache_dir, *args, code=None):
 def _backend_lines(text):
     lines = text.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("backends ("))
-    return lines[start + 1:]
+    section = []
+    for line in lines[start + 1:]:
+        if not line.startswith("  "):   # the next section ("optional inputs ...")
+            break
+        section.append(line)
+    return section
 
 
 def test_info_prints_versions_paths_cache_and_every_backend(tmp_path):
@@ -190,3 +196,12 @@ def test_info_on_this_machine_without_a_driver(tmp_path):
     gpu = next(line for line in out.splitlines() if line.startswith("GPU"))
     assert gpu.split(None, 1)[1] == "no NVIDIA driver/GPU found; running the NumPy reference"
     assert "insufficient" not in out
+
+
+def test_info_lists_which_backend_takes_each_optional_input(tmp_path):
+    data = json.loads(_run(tmp_path, "info", "--json"))
+    assert data["features"] == info.features()
+    assert data["features"]["head_sink"] == ["flash", "reference"]   # mea refuses it by name
+    text = _run(tmp_path, "info")
+    assert "optional inputs (backends that take them):" in text
+    assert re.search(r"head_sink\s+flash, reference", text)
