@@ -90,68 +90,47 @@ def check_layout(layer_types, rows_per_token, layout):
 
 
 def _ops(array):
-    """The few array operations the mapping needs, for the module ``array`` belongs to."""
+    """The few array operations the mapping needs, for the module ``array`` belongs to (NumPy,
+    CuPy or torch; torch's arrays stay on ``array``'s device)."""
     module = type(array).__module__.split(".")[0]
     if module == "torch":
-        return _TorchOps(array)
+        import torch
+        return _Ops(torch, cast=lambda a, dt: a.to(dt), clip=torch.clamp, concat=torch.cat,
+                    axis="dim", device=array.device)
     if module == "cupy":
-        import cupy
-        return _NumpyOps(cupy)
-    import numpy
-    return _NumpyOps(numpy)
+        import cupy as xp
+    else:
+        import numpy as xp
+    return _Ops(xp, cast=lambda a, dt: a.astype(dt, copy=False), clip=xp.clip,
+                concat=xp.concatenate, axis="axis")
 
 
-class _NumpyOps:
-    def __init__(self, xp):
-        self.xp = xp
+class _Ops:
+    """int32 / int64 casts, arange, where, clip, concat and full over one array module: xp
+    (numpy, cupy or torch), its cast and clip and concat functions, the name of concat's axis
+    argument, and for torch the device new arrays go to."""
 
-    def arange(self, n):
-        return self.xp.arange(n, dtype=self.xp.int64)
+    def __init__(self, xp, *, cast, clip, concat, axis, device=None):
+        self.xp, self._cast, self.clip, self._concat, self._axis = xp, cast, clip, concat, axis
+        self._on = {} if device is None else {"device": device}
 
     def int32(self, a):
-        return a.astype(self.xp.int32, copy=False)
+        return self._cast(a, self.xp.int32)
 
     def int64(self, a):
-        return a.astype(self.xp.int64, copy=False)
+        return self._cast(a, self.xp.int64)
+
+    def arange(self, n):
+        return self.xp.arange(n, dtype=self.xp.int64, **self._on)
 
     def where(self, condition, a, b):
         return self.xp.where(condition, a, b)
 
-    def clip(self, a, low, high):
-        return self.xp.clip(a, low, high)
-
     def concat(self, parts, axis=0):
-        return self.xp.concatenate(parts, axis=axis)
+        return self._concat(parts, **{self._axis: axis})
 
     def full(self, shape, value, like):
-        return self.xp.full(shape, value, dtype=like.dtype)
-
-
-class _TorchOps:
-    def __init__(self, array):
-        import torch
-        self.torch, self.device = torch, array.device
-
-    def arange(self, n):
-        return self.torch.arange(n, dtype=self.torch.int64, device=self.device)
-
-    def int32(self, a):
-        return a.to(self.torch.int32)
-
-    def int64(self, a):
-        return a.to(self.torch.int64)
-
-    def where(self, condition, a, b):
-        return self.torch.where(condition, a, b)
-
-    def clip(self, a, low, high):
-        return self.torch.clamp(a, low, high)
-
-    def concat(self, parts, axis=0):
-        return self.torch.cat(parts, dim=axis)
-
-    def full(self, shape, value, like):
-        return self.torch.full(shape, value, dtype=like.dtype, device=self.device)
+        return self.xp.full(shape, value, dtype=like.dtype, **self._on)
 
 
 def past_seqlens(cu_seq_lens_q, cu_seq_lens_k):
