@@ -640,3 +640,40 @@ def test_fastest_peer_ratio_on_our_rows():
     md = report.markdown_table(out)
     assert "| 2.00 vs flashinfer-fa2 |" in md
     assert json.loads(json.dumps(out))[0]["fastest_peer"] == "sdpa:cudnn+gather"
+
+
+def test_reference_rows_with_a_sink(monkeypatch):
+    """The --sinks row's reference: a sink of -inf is no sink, a finite one shrinks each row by
+    one factor Z / (Z + e^sink), a dominating one sends it to 0 (float32 torch on the CPU)."""
+    torch = pytest.importorskip("torch", reason="the reference rows are torch")
+    from cupy_paged._bench import peers
+
+    monkeypatch.setattr(peers, "DEVICE", "cpu")
+    case = C.Case("tiny", q_lens=(2, 1), past=(3, 0), num_heads=4, kv_num_heads=2,
+                  head_size=8, block_size=2, dtype="float32")
+    meta = C.build_metadata(case)
+    s = peers.make_sets(case, meta, 1)[0]
+    rows = [(0, 0), (0, 1), (1, 0)]
+    plain = peers.reference_rows(case, meta, s, rows)
+    none = peers.reference_rows(case, meta, s, rows, sink=torch.full((4,), -float("inf")))
+    some = peers.reference_rows(case, meta, s, rows, sink=torch.tensor([0.5, -1.0, 2.0, 0.0]))
+    huge = peers.reference_rows(case, meta, s, rows, sink=torch.full((4,), 80.0))
+    for r in rows:
+        torch.testing.assert_close(none[r], plain[r])
+        ratio = some[r] / plain[r]                       # (N, H): one factor per head
+        assert bool(((ratio > 0) & (ratio < 1)).all())
+        torch.testing.assert_close(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4, atol=1e-5)
+        assert float(huge[r].abs().max()) < 1e-20
+
+
+def test_sinks_option_adds_a_flash_sink_row():
+    pytest.importorskip("torch", reason="the specs name the torch peers' builders")
+    from cupy_paged._bench import peers, run
+
+    case = C.make_case("decode_64x4096")
+    for argv, want in ((["--peers", ""], ["ours:flash", "ours:mea", "ours:mea-attn"]),
+                       (["--peers", "", "--sinks"],
+                        ["ours:flash", "ours:flash+sink", "ours:mea", "ours:mea-attn"])):
+        args = run.parse_args(argv)
+        specs = run._impl_specs(args, case, None, [], peers)
+        assert [name for name, _, _ in specs["ours"]] == want

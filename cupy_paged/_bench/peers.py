@@ -54,6 +54,7 @@ class Impl:
     fn: object                # fn(i) -> outputs
     row: object               # row(outputs, b, j) -> (N, H) tensor
     notes: list = dataclasses.field(default_factory=list)
+    ref: object = None        # its own reference rows (e.g. with a head sink), else the run's
 
 
 @dataclasses.dataclass
@@ -111,8 +112,9 @@ def _sync():
         torch.cuda.synchronize()
 
 
-def reference_rows(case, meta, s, rows):
-    """{(b, j): (N, H) float32} recomputed from the paged cache of input set s."""
+def reference_rows(case, meta, s, rows, sink=None):
+    """{(b, j): (N, H) float32} recomputed from the paged cache of input set s; sink: None,
+    or (N,) float32 logits that join each row's softmax denominator (a head sink)."""
     N, G, H, bs = case.num_heads, case.group, case.head_size, case.block_size
     scale = 1.0 / math.sqrt(H)
     ref = {}
@@ -124,7 +126,10 @@ def reference_rows(case, meta, s, rows):
         K = s.kc[blk, off].float().repeat_interleave(G, dim=1)     # (p+1, N, H)
         V = s.vc[blk, off].float().repeat_interleave(G, dim=1)
         q = s.q[int(meta.cumulative_sequence_length[b]) + j].view(N, H).float()
-        w = torch.softmax(torch.einsum("nh,knh->nk", q, K) * scale, dim=-1)
+        logits = torch.einsum("nh,knh->nk", q, K) * scale
+        if sink is not None:                   # one more column, dropped after the softmax
+            logits = torch.cat([logits, sink.to(logits.device)[:, None]], dim=1)
+        w = torch.softmax(logits, dim=-1)[:, :K.shape[0]]
         ref[(b, j)] = torch.einsum("nk,knh->nh", w, V)
     return ref
 
@@ -139,12 +144,14 @@ def check(impl, outputs, ref):
 
 
 # --- ours ----------------------------------------------------------------------------------
-def build_ours(backend, case, meta, sets, options=None):
+def build_ours(backend, case, meta, sets, options=None, sink=False):
     """cupy_paged.paged_attention(..., backend=backend) on CuPy views of the torch tensors.
 
     Timed as the user calls it: validation of shapes on the host, the prologue (new K/V
     written into the caches; no rotary here) and the attention. out= is preallocated.
     options: a ``cupy_paged.PlanOptions`` (tile, split count, launch mode), or None.
+    sink: pass a head_sink (N logits drawn once, seed 0) and check against a sink reference;
+    the row is named "ours:<backend>+sink".
     """
     import cupy
 
@@ -162,6 +169,11 @@ def build_ours(backend, case, meta, sets, options=None):
         hints["options"] = options
     views = [{name: cupy.asarray(getattr(s, name)) for name in
               ("q", "k", "v", "kc", "vc", "cum", "past", "table", "out")} for s in sets]
+    sink_logits = None
+    if sink:
+        sink_logits = torch.as_tensor(np.random.default_rng(0).standard_normal(case.num_heads),
+                                      dtype=torch.float32)
+        hints["head_sink"] = cupy.asarray(sink_logits.to(DTYPES[case.dtype]).to(DEVICE))
 
     def fn(i):
         a = views[i]
@@ -179,8 +191,13 @@ def build_ours(backend, case, meta, sets, options=None):
     notes = ["includes the prologue (new K/V written into the paged caches)"]
     if hints:
         notes.append("host bounds passed: " + ", ".join(
-            f"{k}={v}" for k, v in hints.items() if k != "options"))
-    return Impl(f"ours:{backend}", "ours", fn, row, notes)
+            f"{k}={v}" for k, v in hints.items() if k not in ("options", "head_sink")))
+    if not sink:
+        return Impl(f"ours:{backend}", "ours", fn, row, notes)
+    notes.append("with a head_sink of N logits (standard normal, seed 0)")
+    rounded = sink_logits.to(DTYPES[case.dtype]).float()      # what the kernel reads
+    ref = reference_rows(case, meta, sets[0], C.sample_rows(case), sink=rounded)
+    return Impl(f"ours:{backend}+sink", "ours", fn, row, notes, ref=ref)
 
 
 def build_mea_attention_only(case, meta, sets):

@@ -4,7 +4,7 @@
                                [--peers sdpa-flash,sdpa-efficient,sdpa-cudnn,flex,
                                         flashinfer-fa2,flashinfer-fa3,flashinfer-decode,
                                         flashinfer-decode-tc,cudnn-paged]
-                               [--out DIR] [--quick] [--time-budget S] [--list]
+                               [--out DIR] [--quick] [--time-budget S] [--sinks] [--list]
 
 (``python benchmarks/run.py`` in a source checkout runs this same module.)
 
@@ -19,6 +19,9 @@ uses through cupy.cuda.ExternalStream, timed with torch CUDA events (timing.py).
 Order: every case's ours + SDPA rows first, then FlexAttention (compiles) while the time budget
 lasts (--quick: 200 s unless --time-budget says otherwise); the JSON is rewritten after every
 case, so a run cut short still leaves its numbers.
+
+--sinks adds the row ours:flash+sink (the same call with a head_sink of N logits, checked
+against a sink reference) beside ours:flash, so a run measures what sinks cost.
 
 --out defaults to benchmarks/results when this package sits in a source checkout (beside
 pyproject.toml and benchmarks/run.py), and to ./bench-results in the current directory when it
@@ -119,6 +122,9 @@ def parse_args(argv=None, prog="benchmarks/run.py"):
     p.add_argument("--time-budget", type=float, default=None,
                    help="seconds after which no new peer is started (rows say 'skipped')")
     p.add_argument("--no-check", action="store_true", help="skip the output-row check")
+    p.add_argument("--sinks", action="store_true",
+                   help="also time flash with a head_sink (row ours:flash+sink), to measure "
+                        "what sinks cost")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--plot", metavar="PATH", default=None,
                    help="also draw the results as a bar chart (matplotlib) into PATH")
@@ -245,6 +251,9 @@ def _impl_specs(args, case, meta, sets, peers):
         if b != "mea-attn":
             specs["ours"].append((f"ours:{b}", "ours",
                                   lambda b=b: peers.build_ours(b, case, meta, sets)))
+        if args.sinks and b == "flash":   # the backends that take head_sink (info lists them)
+            specs["ours"].append((f"ours:{b}+sink", "ours",
+                                  lambda b=b: peers.build_ours(b, case, meta, sets, sink=True)))
     if "mea" in args.backends or "mea-attn" in args.backends:
         specs["ours"].append(("ours:mea-attn", "ours",
                               lambda: peers.build_mea_attention_only(case, meta, sets)))
@@ -270,7 +279,7 @@ def _measure(torch, timing, peers, unsupported, case, name, kind, build, sets, r
         outputs = impl.fn(0)
         torch.cuda.synchronize()
         if ref:
-            rec["check"] = peers.check(impl, outputs, ref)
+            rec["check"] = peers.check(impl, outputs, impl.ref if impl.ref is not None else ref)
             if kind == "ours":
                 rec["check"]["all_written"] = bool(torch.isfinite(sets[0].out).all())
                 rec["check"]["ok"] &= rec["check"]["all_written"]
