@@ -10,7 +10,7 @@ import numpy as np
 # What each call writes (the caches in place, out as its result), then what it only reads.
 WRITTEN = ("key_cache", "value_cache", "out")
 READ = ("query", "key", "value", "cumulative_sequence_length", "past_seqlens", "block_table",
-        "cos_cache", "sin_cache", "head_sink")
+        "cos_cache", "sin_cache", "head_sink", "slot_mapping", "q_norm_weight", "k_norm_weight")
 _VECTORS = ("query", "key", "value")   # read by the GPU kernels in 16-byte vectors, as written
 
 
@@ -81,7 +81,10 @@ def buffer_sizes(problem):
             "past_seqlens": problem.batch * i32,
             "block_table": problem.batch * problem.max_blocks * i32, "cos_cache": rotary,
             "sin_cache": rotary, "out": T * N * H * e,
-            "head_sink": N * e if problem.head_sink else 0}
+            "head_sink": N * e if problem.head_sink else 0,
+            "slot_mapping": T * i32 if problem.slot_mapping else 0,
+            "q_norm_weight": H * e if problem.qk_norm else 0,
+            "k_norm_weight": H * e if problem.qk_norm else 0}
 
 
 def _span(x):

@@ -10,12 +10,12 @@ ValueError.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+from . import _checks, _optional
+from ._checks import FLOAT_DTYPES
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,12 @@ class Problem:
     max_seqlen_q: int | None = None     # >= every q_len
     max_seqlen_k: int | None = None     # >= every past + q_len
     total_kv_tokens: int | None = None  # >= sum of past + q_len
+    # Optional inputs beyond opset 1 (cupy_paged/_optional.py); the defaults are their absence.
     head_sink: bool = False             # a (N,) head_sink array is given
+    slot_mapping: bool = False          # a (T,) slot_mapping array is given
+    qk_norm: bool = False               # q_norm_weight and k_norm_weight (H,) are given
+    qk_norm_epsilon: float = 1e-6
+    rotary_offset: int = 0              # first rotated channel
 
     @property
     def group(self):
@@ -85,7 +90,7 @@ def check_arguments(a, **attributes):
 
 def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window_size,
                      do_rotary, rotary_interleaved, max_seqlen_q=None, max_seqlen_k=None,
-                     total_kv_tokens=None):
+                     total_kv_tokens=None, **optional):
     num_heads = _positive_int("num_heads", num_heads)
     kv_num_heads = _positive_int("kv_num_heads", kv_num_heads)
     if num_heads % kv_num_heads:
@@ -122,12 +127,9 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
     num_tokens, packed = _check_qkv(a, dtype, num_heads, kv_num_heads, head_size)
     batch = _check_metadata_shapes(a)
     rotary_dim, cos_rows = _check_rotary(a, dtype, head_size, do_rotary)
-    head_sink = a.get("head_sink")
-    if head_sink is not None:
-        _dtype_is("head_sink", head_sink, dtype)
-        if tuple(head_sink.shape) != (num_heads,):
-            raise ValueError(f"head_sink: expected shape (num_heads,) = ({num_heads},), got "
-                             f"{tuple(head_sink.shape)}")
+    optional = _optional.check(a, dtype=dtype, num_tokens=num_tokens, num_heads=num_heads,
+                               head_size=head_size, rotary_dim=rotary_dim, do_rotary=do_rotary,
+                               **optional)
     out = a.get("out")
     if out is not None:
         _dtype_is("out", out, dtype)
@@ -144,13 +146,14 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
         rotary_dim=rotary_dim, cos_rows=cos_rows,
         max_seqlen_q=_optional_bound("max_seqlen_q", max_seqlen_q),
         max_seqlen_k=_optional_bound("max_seqlen_k", max_seqlen_k),
-        total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens),
-        head_sink=head_sink is not None)
+        total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens), **optional)
 
 
-def check_metadata(problem, cum, past, block_table):
-    """Data checks of the metadata values (host NumPy arrays); raises ValueError naming the
-    argument and the first offending sequence."""
+def check_metadata(problem, cum, past, block_table, slot_mapping=None):
+    """Data checks of the metadata values (host NumPy arrays; slot_mapping too when the call
+    has one); raises ValueError naming the argument and the first offending sequence."""
+    if slot_mapping is not None:
+        _optional.check_slots(problem, slot_mapping)
     cum = np.asarray(cum, dtype=np.int64)
     past = np.asarray(past, dtype=np.int64)
     table = np.asarray(block_table, dtype=np.int64)
@@ -283,70 +286,13 @@ def _check_rotary(a, dtype, head_size, do_rotary):
     return 2 * half, rows
 
 
-def _rank(name, array, rank, layout):
-    if array.ndim != rank:
-        raise ValueError(f"{name}: expected {rank} dimensions {layout}, "
-                         f"got shape {tuple(array.shape)}")
-
-
-def _float_dtype(name, array):
-    dtype = str(array.dtype)
-    if dtype not in FLOAT_DTYPES:
-        raise TypeError(f"{name}: expected a floating dtype ({', '.join(FLOAT_DTYPES)}), "
-                        f"got {dtype}")
-    return dtype
-
-
-def _dtype_is(name, array, dtype, like="query"):
-    if str(array.dtype) != dtype:
-        raise TypeError(f"{name}: expected dtype {dtype} (the dtype of {like}), "
-                        f"got {array.dtype}")
-
-
-def _same(name, array, like, like_name):
-    """``array`` must match ``like`` in shape and dtype."""
-    if array.ndim != like.ndim or tuple(array.shape) != tuple(like.shape):
-        raise ValueError(f"{name}: expected the shape of {like_name} {tuple(like.shape)}, "
-                         f"got {tuple(array.shape)}")
-    if array.dtype != like.dtype:
-        raise TypeError(f"{name}: expected the dtype of {like_name} ({like.dtype}), "
-                        f"got {array.dtype}")
-
-
-def _optional_bound(name, value):
-    if value is None:
-        return None
-    value = _integer(name, value)
-    if value < 0:
-        raise ValueError(f"{name}: expected None or an integer >= 0, got {value}")
-    return value
-
-
-def _positive_int(name, value):
-    value = _integer(name, value)
-    if value <= 0:
-        raise ValueError(f"{name}: expected a positive integer, got {value}")
-    return value
-
-
-def _integer(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name}: expected an integer, got {value!r}")
-    return int(value)
-
-
-def _flag(name, value):
-    """True or False (NumPy's bool too); ORT's 0/1 attributes or strings are refused, so a
-    truthy "False" never turns a feature on."""
-    if isinstance(value, (bool, np.bool_)):
-        return bool(value)
-    raise TypeError(f"{name}: expected a bool (True or False), got {value!r} "
-                    f"({type(value).__name__})")
-
-
-def _finite(name, value):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name}: expected a real number, got {value!r}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name}: expected a finite number, got {value}")
-    return float(value)
+# the shared checks under the names this module's code uses
+_rank = _checks.rank
+_float_dtype = _checks.float_dtype
+_dtype_is = _checks.dtype_is
+_same = _checks.same
+_optional_bound = _checks.optional_bound
+_positive_int = _checks.positive_int
+_integer = _checks.integer
+_flag = _checks.flag
+_finite = _checks.finite

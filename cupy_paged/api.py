@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from . import _buffers, _validate, backends
+from . import _buffers, _optional, _validate, backends
 from ._arrays import adopt_arrays
 from .backends import _guard
 from .backends.plan import DEFAULT_OPTIONS
@@ -20,7 +20,8 @@ def paged_attention(
     do_rotary=False, rotary_interleaved=False,
     backend="auto", validate=False, out=None,
     max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None, options=None,
-    head_sink=None,
+    head_sink=None, slot_mapping=None, q_norm_weight=None, k_norm_weight=None,
+    qk_norm_epsilon=1e-6, rotary_offset=0,
 ):
     """Attention of new tokens over a paged KV cache (ONNX Runtime ``PagedAttention`` semantics).
 
@@ -34,9 +35,15 @@ def paged_attention(
     dtypes: float16 / bfloat16 on the GPU; float16 / float32 / float64 on NumPy.
     scale: 0 means 1/sqrt(H); softcap > 0 caps logits as c*tanh(s/c); local_window_size > 0
     lets each query see that many keys ending at itself.
-    head_sink: optional (N,) in query's dtype: a sink logit per query head that joins each
-    row's softmax denominator and contributes no value (ONNX Runtime's head_sink input);
-    flash and reference backends.
+    Optional inputs beyond ONNX Runtime's opset 1 (docs/semantics.md, "Optional inputs"; which
+    backend takes which: ``python -m cupy_paged info``):
+    head_sink: (N,) in query's dtype, a sink logit per query head that joins each row's
+    softmax denominator and contributes no value (flash and reference).
+    slot_mapping: int32 (T,), the flat cache slot block * block_size + offset each new token's
+    K/V is written to (-1: not stored); reads still go through block_table (reference).
+    q_norm_weight, k_norm_weight: (H,) in query's dtype, both or neither: RMSNorm of every
+    query and key head (epsilon qk_norm_epsilon, finite > 0) before rotary (reference).
+    rotary_offset: a multiple of 8, the first rotated channel (reference).
     backend: "auto" | "flash" | "mea" | "reference". validate: also run the data-dependent
     checks on GPU input on the host before the launch, and after it wait for the GPU and raise
     the metadata guard's error (``check_errors``); NumPy input is always checked. Without it,
@@ -55,12 +62,15 @@ def paged_attention(
     """
     requested = backends.check_backend_name(backend)
     adopted = _adopt(query, key, value, key_cache, value_cache, cumulative_sequence_length,
-                     past_seqlens, block_table, cos_cache, sin_cache, out, head_sink)
+                     past_seqlens, block_table, cos_cache, sin_cache, out,
+                     head_sink=head_sink, slot_mapping=slot_mapping,
+                     q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
     problem = _validate.check_arguments(
         adopted.arrays, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
         softcap=softcap, local_window_size=local_window_size, do_rotary=do_rotary,
         rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
-        max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens)
+        max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens,
+        qk_norm_epsilon=qk_norm_epsilon, rotary_offset=rotary_offset)
     plan_ = backends.plan_for(requested, problem, adopted.kind, adopted.device, adopted.sm,
                               DEFAULT_OPTIONS if options is None else options)
     return _run(plan_, adopted, out, validate)
@@ -81,7 +91,8 @@ def plan(query, key, value, key_cache, value_cache, cumulative_sequence_length, 
     requested = backends.check_backend_name(backend)
     adopted = _adopt(query, key, value, key_cache, value_cache, cumulative_sequence_length,
                      past_seqlens, block_table, cos_cache, sin_cache,
-                     attributes.pop("out", None), attributes.pop("head_sink", None))
+                     attributes.pop("out", None),
+                     **{name: attributes.pop(name, None) for name in _optional.ARRAYS})
     attributes = _attributes(**attributes)
     problem = _validate.check_arguments(adopted.arrays, **attributes)
     options = DEFAULT_OPTIONS if options is None else options
@@ -92,11 +103,13 @@ def plan(query, key, value, key_cache, value_cache, cumulative_sequence_length, 
 
 def _attributes(*, num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
                 do_rotary=False, rotary_interleaved=False, max_seqlen_q=None,
-                max_seqlen_k=None, total_kv_tokens=None):
+                max_seqlen_k=None, total_kv_tokens=None, qk_norm_epsilon=1e-6,
+                rotary_offset=0):
     return dict(num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, softcap=softcap,
                 local_window_size=local_window_size, do_rotary=do_rotary,
                 rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
-                max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens)
+                max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens,
+                qk_norm_epsilon=qk_norm_epsilon, rotary_offset=rotary_offset)
 
 
 class AttentionPlan:
@@ -118,12 +131,17 @@ class AttentionPlan:
 
     def __call__(self, query, key, value, key_cache, value_cache, cumulative_sequence_length,
                  past_seqlens, block_table, cos_cache=None, sin_cache=None, *, out=None,
-                 validate=False, head_sink=None):
-        """Run one call; returns (T, N*H) like ``paged_attention`` (head_sink: present
-        exactly when it was present in the planned call)."""
+                 validate=False, **optional):
+        """Run one call; returns (T, N*H) like ``paged_attention``. optional: the optional
+        arrays (head_sink, slot_mapping, q_norm_weight, k_norm_weight), each present exactly
+        when it was in the planned call."""
+        unknown = sorted(set(optional) - set(_optional.ARRAYS))
+        if unknown:
+            raise TypeError(f"{unknown[0]}: not an argument of a planned call (attributes "
+                            "are fixed by cupy_paged.plan)")
         adopted = _adopt(query, key, value, key_cache, value_cache,
                          cumulative_sequence_length, past_seqlens, block_table, cos_cache,
-                         sin_cache, out, head_sink)
+                         sin_cache, out, **optional)
         problem = _validate.check_arguments(adopted.arrays, **self._attributes)
         made = self._plan
         if problem != made.problem or adopted.device != made.device:
@@ -139,13 +157,14 @@ class AttentionPlan:
 
 
 def _adopt(query, key, value, key_cache, value_cache, cum, past, block_table, cos_cache,
-           sin_cache, out, head_sink=None):
-    """The call's arrays by argument name, adopted (``_arrays.adopt_arrays``)."""
+           sin_cache, out, **optional):
+    """The call's arrays by argument name, adopted (``_arrays.adopt_arrays``); optional:
+    the optional arrays by name (``_optional.ARRAYS``; absent ones are None)."""
     return adopt_arrays({
         "query": query, "key": key, "value": value, "key_cache": key_cache,
         "value_cache": value_cache, "cumulative_sequence_length": cum, "past_seqlens": past,
         "block_table": block_table, "cos_cache": cos_cache, "sin_cache": sin_cache,
-        "out": out, "head_sink": head_sink})
+        "out": out, **{name: optional.get(name) for name in _optional.ARRAYS}})
 
 
 def _run(plan_, adopted, out, validate):
@@ -172,13 +191,17 @@ def _run(plan_, adopted, out, validate):
 
 
 def _metadata_on_host(adopted):
-    """(cum, past, block_table) as NumPy arrays, with one device->host copy on the GPU."""
+    """(cum, past, block_table, slot_mapping or None) as NumPy arrays, with one
+    device->host copy on the GPU."""
     a = adopted.arrays
     cum, past, table = (a["cumulative_sequence_length"], a["past_seqlens"], a["block_table"])
+    slots = a.get("slot_mapping")
     if adopted.kind == "numpy":
-        return cum, past, table
+        return cum, past, table, slots
     xp = adopted.xp
-    flat = xp.concatenate([cum, past, table.ravel()]).get()
-    n_cum, n_past = cum.shape[0], past.shape[0]
+    parts = [cum, past, table.ravel()] + ([] if slots is None else [slots])
+    flat = xp.concatenate(parts).get()
+    n_cum, n_past, n_table = cum.shape[0], past.shape[0], table.size
+    end = n_cum + n_past + n_table
     return (flat[:n_cum], flat[n_cum:n_cum + n_past],
-            flat[n_cum + n_past:].reshape(table.shape))
+            flat[n_cum + n_past:end].reshape(table.shape), None if slots is None else flat[end:])

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-__all__ = ["paged_attention_reference", "token_positions", "apply_rotary"]
+__all__ = ["paged_attention_reference", "token_positions", "apply_rotary", "rms_norm"]
 
 # Query rows attended at once; bounds the (N, rows, kv_len) score array of long prefills.
 _QUERY_CHUNK = 256
@@ -23,6 +23,8 @@ def paged_attention_reference(
     cos_cache=None, sin_cache=None, *,
     num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
     do_rotary=False, rotary_interleaved=False, compute_dtype=np.float32, head_sink=None,
+    slot_mapping=None, q_norm_weight=None, k_norm_weight=None, qk_norm_epsilon=1e-6,
+    rotary_offset=0,
 ):
     """Paged attention on NumPy arrays, following ``docs/semantics.md``.
 
@@ -32,6 +34,10 @@ def paged_attention_reference(
     cumulative_sequence_length: int (B+1,); past_seqlens: int (B,); block_table: int (B, max_blocks).
     cos_cache, sin_cache: (max_pos, R/2). compute_dtype: float32 or float64 arithmetic.
     head_sink: None, or (N,): a sink logit per query head in every row's softmax denominator.
+    slot_mapping: None, or int (T,): the flat slot block * block_size + offset each new token's
+    K/V goes to (-1: not stored), instead of the one block_table gives; reads use block_table.
+    q_norm_weight, k_norm_weight: None, or (H,) each: RMSNorm (epsilon qk_norm_epsilon) of every
+    query and key head before rotary. rotary_offset: the first rotated channel.
     Returns (T, N*H) in query's dtype. Input must already be valid (no checks here).
     Arithmetic follows IEEE like the GPU kernels (an overflow gives inf, whatever
     ``numpy.seterr`` says); an exception after the cache write (MemoryError,
@@ -50,14 +56,23 @@ def paged_attention_reference(
         q, k, v = _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd)
         seq_of_token, pos = token_positions(cum, past)
         sink = None if head_sink is None else np.asarray(head_sink).astype(cd)
+        if q_norm_weight is not None:
+            q = rms_norm(q, np.asarray(q_norm_weight).astype(cd), qk_norm_epsilon)
+            k = rms_norm(k, np.asarray(k_norm_weight).astype(cd), qk_norm_epsilon)
         if do_rotary:
             cos = np.asarray(cos_cache).astype(cd)[pos]
             sin = np.asarray(sin_cache).astype(cd)[pos]
-            q = apply_rotary(q, cos, sin, rotary_interleaved)
-            k = apply_rotary(k, cos, sin, rotary_interleaved)
-        blocks = table[seq_of_token, pos // block_size]
+            q = apply_rotary(q, cos, sin, rotary_interleaved, rotary_offset)
+            k = apply_rotary(k, cos, sin, rotary_interleaved, rotary_offset)
+        if slot_mapping is None:
+            blocks = table[seq_of_token, pos // block_size]
+            offsets = pos % block_size
+        else:
+            flat = np.asarray(slot_mapping, dtype=np.int64)
+            blocks = np.where(flat >= 0, flat // block_size, -1)
+            offsets = np.where(flat >= 0, flat % block_size, 0)
         mapped = blocks >= 0                                  # block -1: the token is not written
-        slots = blocks[mapped], (pos % block_size)[mapped]
+        slots = blocks[mapped], offsets[mapped]
         k_new, v_new = k[mapped].astype(key_cache.dtype), v[mapped].astype(value_cache.dtype)
         saved = key_cache[slots], value_cache[slots]          # copies (fancy indexing)
         try:
@@ -84,12 +99,17 @@ def token_positions(cum, past):
     return seq_of_token, past[seq_of_token] + offset_in_seq
 
 
-def apply_rotary(x, cos, sin, interleaved):
-    """Rotate the first R channels of x (T, heads, H) by per-token cos/sin (T, R/2).
+def apply_rotary(x, cos, sin, interleaved, offset=0):
+    """Rotate channels [offset, offset + R) of x (T, heads, H) by per-token cos/sin (T, R/2).
 
     Non-interleaved (GPT-NeoX) pairs channel i with i + R/2; interleaved (GPT-J) pairs 2i with
-    2i + 1. Channels >= R pass through unchanged. Returns a new array.
+    2i + 1 (counted from offset). The other channels pass through unchanged. Returns a new
+    array.
     """
+    if offset:
+        y = x.copy()
+        y[..., offset:] = apply_rotary(x[..., offset:], cos, sin, interleaved)
+        return y
     half = cos.shape[1]
     c, s = cos[:, None, :], sin[:, None, :]
     y = x.copy()
@@ -102,6 +122,12 @@ def apply_rotary(x, cos, sin, interleaved):
         y[..., :half] = lo * c - hi * s
         y[..., half:2 * half] = hi * c + lo * s
     return y
+
+
+def rms_norm(x, weight, epsilon):
+    """RMSNorm of every head vector of x (T, heads, H) over its H channels, times weight (H,):
+    x / sqrt(mean(x^2) + epsilon) * weight, in x's dtype."""
+    return x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + epsilon) * weight
 
 
 def _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd):

@@ -22,6 +22,14 @@ def visible_positions(block_table_row, block_size, p, window):
     return seen
 
 
+def _rms(x, weight, epsilon):
+    """RMSNorm of one head vector (float64), times weight."""
+    mean_square = sum(float(v) * float(v) for v in x) / len(x)
+    inv = 1.0 / math.sqrt(mean_square + float(epsilon))
+    return numpy.array([float(v) * inv * float(w) for v, w in zip(x, weight)],
+                       dtype=numpy.float64)
+
+
 def _rotate(x, cos_row, sin_row, interleaved):
     """Rotate one head vector x (float64, length H) with one cos/sin row (length R/2)."""
     y = [float(v) for v in x]                        # channels >= R pass through
@@ -45,9 +53,13 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                           cos_cache=None, sin_cache=None, *,
                           num_heads, kv_num_heads, scale=0.0, softcap=0.0,
                           local_window_size=-1, do_rotary=False, rotary_interleaved=False,
-                          head_sink=None):
+                          head_sink=None, slot_mapping=None, q_norm_weight=None,
+                          k_norm_weight=None, qk_norm_epsilon=1e-6, rotary_offset=0):
     """Return (out, new_key_cache, new_value_cache); the caches given are not modified.
     head_sink: None, or (N,) sink logits that join each row's denominator (no value).
+    slot_mapping: None, or (T,) flat write slots (-1: not stored). q_norm_weight,
+    k_norm_weight: RMSNorm weights (H,) of every query / key head, before rotary.
+    rotary_offset: the first rotated channel.
 
     out is (T, N*H) in query.dtype; the new caches are copies in the caches' dtype.
     """
@@ -82,21 +94,36 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
         for j in range(cum[b + 1] - cum[b]):
             t = cum[b] + j
             p = past[b] + j
-            # 2. rotary at absolute position p
+            # 1b. QK-norm: each head vector over its H channels
+            if q_norm_weight is not None:
+                for n in range(N):
+                    q_heads[t][n] = _rms(q_heads[t][n], q_norm_weight, qk_norm_epsilon)
+                for h in range(Nkv):
+                    k_heads[t][h] = _rms(k_heads[t][h], k_norm_weight, qk_norm_epsilon)
+            # 2. rotary at absolute position p, channels [offset, offset + R)
             if do_rotary:
                 cos_row = numpy.asarray(cos_cache[p], dtype=numpy.float64)
                 sin_row = numpy.asarray(sin_cache[p], dtype=numpy.float64)
+                o = int(rotary_offset)
                 for n in range(N):
-                    q_heads[t][n] = _rotate(q_heads[t][n], cos_row, sin_row, rotary_interleaved)
+                    q_heads[t][n][o:] = _rotate(q_heads[t][n][o:], cos_row, sin_row,
+                                                rotary_interleaved)
                 for h in range(Nkv):
-                    k_heads[t][h] = _rotate(k_heads[t][h], cos_row, sin_row, rotary_interleaved)
-            # 3. cache write, token by token; an unmapped block is skipped
-            blk = int(block_table[b][p // bs])
-            if blk == -1:
-                continue
+                    k_heads[t][h][o:] = _rotate(k_heads[t][h][o:], cos_row, sin_row,
+                                                rotary_interleaved)
+            # 3. cache write, token by token; an unmapped block (or slot -1) is skipped
+            if slot_mapping is not None:
+                flat = int(slot_mapping[t])
+                if flat == -1:
+                    continue
+                blk, off = flat // bs, flat % bs
+            else:
+                blk, off = int(block_table[b][p // bs]), p % bs
+                if blk == -1:
+                    continue
             for h in range(Nkv):
-                kc[blk, p % bs, h, :] = k_heads[t][h]
-                vc[blk, p % bs, h, :] = v_heads[t][h]
+                kc[blk, off, h, :] = k_heads[t][h]
+                vc[blk, off, h, :] = v_heads[t][h]
 
     # 4. attention, reading every key (old and new) from the written caches
     out = numpy.zeros((T, N * H), dtype=numpy.float64)

@@ -46,6 +46,9 @@ class Case:
     dtype: str = "float64"
     api: bool = False         # through cupy_paged.paged_attention(backend="reference")
     sink: float = 0.0         # > 0: a head_sink of N logits drawn at this scale (head 1: -inf)
+    slots: bool = False       # a slot_mapping of distinct random slots, a quarter of them -1
+    qk_norm: bool = False     # q_norm_weight / k_norm_weight drawn in [0.5, 1.5)
+    rot_off: int = 0          # rotary_offset (set R too: R + rot_off <= H)
 
 
 def draw_lens(case, rng):
@@ -129,6 +132,16 @@ def make_inputs(case, rng):
         if N > 2:
             sink[1] = -np.inf                         # -inf: that head has no sink
         kwargs["head_sink"] = sink.astype(dt)
+    if case.slots:                                    # writes go anywhere; reads use the table
+        slots = rng.permutation(num_blocks * bs)[:T]
+        slots[rng.random(T) < 0.25] = -1
+        kwargs["slot_mapping"] = slots.astype(np.int32)
+    if case.qk_norm:
+        kwargs["q_norm_weight"] = rng.uniform(0.5, 1.5, H).astype(dt)
+        kwargs["k_norm_weight"] = rng.uniform(0.5, 1.5, H).astype(dt)
+        kwargs["qk_norm_epsilon"] = 1e-5
+    if case.rot_off:
+        kwargs["rotary_offset"] = case.rot_off
     return Inputs(args, kwargs, q_lens, pasts)
 
 
@@ -136,6 +149,11 @@ def written_slots(inp):
     """(num_blocks, block_size) mask of the cache slots the call must write (spec step 3)."""
     kc, table = inp.args[3], inp.args[7]
     mask = np.zeros(kc.shape[:2], dtype=bool)
+    slots = inp.kwargs.get("slot_mapping")
+    if slots is not None:                             # the call writes where the slots say
+        for flat in slots[slots >= 0]:
+            mask[flat // kc.shape[1], flat % kc.shape[1]] = True
+        return mask
     for b, (q, past) in enumerate(zip(inp.q_lens, inp.pasts)):
         for p in range(past, past + q):
             blk = table[b, p // kc.shape[1]]
@@ -188,11 +206,12 @@ def check_against_naive(inp, out, kc, vc, dtype, tag):
         changed = np.argwhere((bits(got) != bits(orig)).any(axis=(2, 3)) & ~mask)
         assert changed.size == 0, \
             f"{tag}: {name} changed at unwritten (block, offset) {changed[:5].tolist()}"
-        if name == "key_cache" and inp.kwargs["do_rotary"]:
+        computed = inp.kwargs["do_rotary"] or inp.kwargs.get("q_norm_weight") is not None
+        if name == "key_cache" and computed:         # rotated and / or normed: within rounding
             rtol, atol = KROT_TOL[dtype]
             ok = np.isclose(got[mask].astype(np.float64), want[mask].astype(np.float64),
                             rtol=rtol, atol=atol)
-            assert ok.all(), f"{tag}: rotated key_cache wrong at {np.argwhere(~ok)[:5].tolist()}"
+            assert ok.all(), f"{tag}: computed key_cache wrong at {np.argwhere(~ok)[:5].tolist()}"
         else:
             bad = np.argwhere((bits(got[mask]) != bits(want[mask])).any(axis=(1, 2)))
             assert bad.size == 0, \
@@ -327,5 +346,24 @@ def sink_cases():
              N=4, Nkv=2),
         Case("sink-long-decode", sink=1.0, lens=((1, 300), (1, 40), (1, 0)), N=4, Nkv=2,
              H=16, bs=16),
+    ]
+
+
+def optional_input_cases():
+    """Cases with slot_mapping, QK-norm and rotary_offset, alone and together (and with a
+    head sink, GQA, packed QKV, window, softcap, holes and empty sequences)."""
+    return [
+        Case("slots-mixed", slots=True, N=6, Nkv=2, H=16, spare=3),
+        Case("slots-decode-holes", slots=True, mode="decode", B=5, bs=3, holes=2),
+        Case("slots-packed-rotary", slots=True, mode="chunk", packed=True, rotary="gptj",
+             bs=4, spare=2),
+        Case("qknorm-mixed", qk_norm=True, N=4, Nkv=2, H=16),
+        Case("qknorm-rotary-neox", qk_norm=True, mode="chunk", rotary="neox", H=32, N=4, Nkv=1),
+        Case("rotoff-8-neox", rot_off=8, rotary="neox", R=8, H=32, mode="chunk"),
+        Case("rotoff-16-gptj-packed", rot_off=16, rotary="gptj", R=16, H=32, packed=True),
+        Case("all-together", slots=True, qk_norm=True, rot_off=8, rotary="neox", R=16, H=32,
+             sink=1.0, W=4, softcap=5.0, q_gain=2.0, N=8, Nkv=2, bs=3, spare=4, holes=1),
+        Case("optional-empty-rows", slots=True, qk_norm=True, lens=((0, 4), (3, 2), (2, 0)),
+             unmapped=(1,), bs=2, N=4, Nkv=2),
     ]
 

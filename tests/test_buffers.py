@@ -23,7 +23,23 @@ def full_case(seed):
     rng = np.random.default_rng(seed)
     kw["out"] = rng.standard_normal((T, N * H)).astype(np.float32)
     kw["head_sink"] = rng.standard_normal(N).astype(kw["query"].dtype)
+    kw["q_norm_weight"] = rng.standard_normal(H).astype(kw["query"].dtype)
+    kw["k_norm_weight"] = rng.standard_normal(H).astype(kw["query"].dtype)
+    kw["slot_mapping"] = table_slots(kw)
     return kw
+
+
+def table_slots(kw):
+    """The slot_mapping that writes where block_table would: block * block_size + offset."""
+    cum, past = kw["cumulative_sequence_length"], kw["past_seqlens"]
+    table, bs = kw["block_table"], kw["key_cache"].shape[1]
+    slots = []
+    for b in range(len(past)):
+        for j in range(int(cum[b + 1] - cum[b])):
+            p = int(past[b]) + j
+            block = int(table[b, p // bs])
+            slots.append(-1 if block < 0 else block * bs + p % bs)
+    return np.array(slots, np.int32)
 
 
 def snapshot(kw):

@@ -13,44 +13,24 @@ import numpy as np
 import pytest
 
 import cupy_paged as cpg
-from cupy_paged import _validate
 from cupy_paged.backends import BACKENDS, UnsupportedError, choose_backend
 
 try:
     from .gpu_parity import check_backend
-    from .paged_cases import Case, check_against_naive, make_inputs, seed_of, sink_cases
+    from .paged_cases import Case, make_inputs, sink_cases
+    from .test_optional_inputs import problem_of
     from .test_validation import call, make_case
 except ImportError:
     from gpu_parity import check_backend
-    from paged_cases import Case, check_against_naive, make_inputs, seed_of, sink_cases
+    from paged_cases import Case, make_inputs, sink_cases
+    from test_optional_inputs import problem_of
     from test_validation import call, make_case
 
 SINK_CASES = sink_cases()
 
 
 # ---------------------------------------------------------------- the reference
-
-@pytest.mark.parametrize("dtype", ["float64", "float32"])
-@pytest.mark.parametrize("case", SINK_CASES, ids=lambda c: c.name)
-def test_reference_matches_naive(case, dtype):
-    case = dataclasses.replace(case, dtype=dtype)
-    seed = seed_of(case.name)
-    inp = make_inputs(case, np.random.default_rng(seed))
-    args = list(inp.args)
-    args[3], args[4] = args[3].copy(), args[4].copy()
-    out = cpg.paged_attention_reference(*args, **inp.kwargs, compute_dtype=np.dtype(dtype))
-    check_against_naive(inp, out, args[3], args[4], dtype, f"[{case.name} seed={seed}]")
-
-
-@pytest.mark.parametrize("case", SINK_CASES[:3], ids=lambda c: c.name)
-def test_api_on_numpy_matches_naive(case):
-    case = dataclasses.replace(case, api=True)
-    inp = make_inputs(case, np.random.default_rng(seed_of(case.name)))
-    args = list(inp.args)
-    args[3], args[4] = args[3].copy(), args[4].copy()
-    out = cpg.paged_attention(*args, **inp.kwargs)
-    check_against_naive(inp, out, args[3], args[4], case.dtype, case.name)
-
+# (against the naive loop: tests/test_optional_inputs.py, over sink_cases() too)
 
 def test_sink_of_minus_infinity_is_no_sink():
     kw = make_case(dtype=np.float64, seed=3)
@@ -99,23 +79,9 @@ def test_head_sink_shape_and_dtype_are_checked():
         call(dict(kw, head_sink=np.zeros((1, N), np.float32)))
 
 
-def _problem(head_sink):
-    kw = make_case(seed=7)
-    a = {name: kw.get(name) for name in ("query", "key", "value", "key_cache", "value_cache",
-                                         "cumulative_sequence_length", "past_seqlens",
-                                         "block_table", "cos_cache", "sin_cache", "out")}
-    a["head_sink"] = np.zeros(kw["num_heads"], np.float16) if head_sink else None
-    a["query"] = a["query"].astype(np.float16)
-    for name in ("key", "value", "key_cache", "value_cache"):
-        a[name] = a[name].astype(np.float16)
-    return _validate.check_arguments(
-        a, num_heads=kw["num_heads"], kv_num_heads=kw["kv_num_heads"], scale=0.0, softcap=0.0,
-        local_window_size=-1, do_rotary=False, rotary_interleaved=False)
-
-
 def test_flash_and_reference_take_sinks_mea_says_it_does_not():
-    problem = _problem(head_sink=True)
-    assert problem.head_sink and not _problem(head_sink=False).head_sink
+    problem = problem_of(np.float16, head_sink=np.zeros(4, np.float16))
+    assert problem.head_sink and not problem_of(np.float16).head_sink
     assert BACKENDS["flash"].capabilities.reasons(problem, "cupy", 90) == []
     assert BACKENDS["reference"].capabilities.reasons(problem, "numpy", None) == []
     assert BACKENDS["mea"].capabilities.reasons(problem, "cupy", 90) == [

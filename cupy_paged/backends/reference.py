@@ -30,7 +30,10 @@ class _ReferenceStep:
             num_heads=problem.num_heads, kv_num_heads=problem.kv_num_heads,
             scale=problem.scale, softcap=problem.softcap, local_window_size=problem.window,
             do_rotary=problem.do_rotary, rotary_interleaved=problem.rotary_interleaved,
-            compute_dtype=compute, head_sink=host.get("head_sink"))
+            compute_dtype=compute, head_sink=host.get("head_sink"),
+            slot_mapping=host.get("slot_mapping"), q_norm_weight=host.get("q_norm_weight"),
+            k_norm_weight=host.get("k_norm_weight"), qk_norm_epsilon=problem.qk_norm_epsilon,
+            rotary_offset=problem.rotary_offset)
         if isinstance(out, np.ndarray):
             out[...] = result
             return
