@@ -189,3 +189,26 @@ def test_sinks_option_adds_a_flash_sink_row():
         args = run.parse_args(argv)
         specs = run._impl_specs(args, case, None, [], peers)
         assert [name for name, _, _ in specs["ours"]] == want
+
+
+def test_paged_ratio_leaves_out_dense_sdpa_without_its_gather():
+    recs = [
+        {"case": "mixed", "block_size": 16, "impl": "ours:flash", "kind": "ours",
+         "status": "ok", "ms": 1.0},
+        {"case": "mixed", "block_size": 16, "impl": "sdpa:cudnn", "kind": "peer",
+         "status": "ok", "ms": 0.5},                  # dense, gather untimed: not a paged call
+        {"case": "mixed", "block_size": 16, "impl": "sdpa:cudnn+gather", "kind": "peer",
+         "status": "ok", "ms": 2.0},
+        {"case": "mixed", "block_size": 16, "impl": "flashinfer-fa3", "kind": "peer",
+         "status": "ok", "ms": 0.8},
+        {"case": "mixed", "block_size": 16, "impl": "flex:paged", "kind": "peer",
+         "status": "ok", "ms": 4.0},
+    ]
+    flash = report.finalize(recs, {})[0]
+    assert flash["fastest_peer"] == "sdpa:cudnn" and flash["vs_fastest"] == pytest.approx(2.0)
+    assert flash["fastest_paged_peer"] == "flashinfer-fa3"
+    assert flash["vs_fastest_paged"] == pytest.approx(1.25)
+    assert [report.serves_the_paged_cache(r["impl"]) for r in recs[1:]] == [
+        False, True, True, True]
+    assert "1.25 vs flashinfer-fa3" in report.text_table(recs)
+    assert "ours/paged" in report.COLUMNS
