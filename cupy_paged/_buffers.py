@@ -10,7 +10,8 @@ import numpy as np
 # What each call writes (the caches in place, out as its result), then what it only reads.
 WRITTEN = ("key_cache", "value_cache", "out")
 READ = ("query", "key", "value", "cumulative_sequence_length", "past_seqlens", "block_table",
-        "cos_cache", "sin_cache", "head_sink", "slot_mapping", "q_norm_weight", "k_norm_weight")
+        "cos_cache", "sin_cache", "head_sink", "slot_mapping", "q_norm_weight", "k_norm_weight",
+        "k_scale", "v_scale")
 _VECTORS = ("query", "key", "value")   # read by the GPU kernels in 16-byte vectors, as written
 
 
@@ -73,18 +74,23 @@ def buffer_sizes(problem):
     e, i32 = _ITEMSIZE[problem.dtype], 4
     T, N, Nkv, H = problem.num_tokens, problem.num_heads, problem.kv_num_heads, problem.head_size
     width = (N + 2 * Nkv) * H if problem.packed else N * H
-    cache = problem.num_blocks * problem.block_size * Nkv * H * e
+    slots = problem.num_blocks * problem.block_size * Nkv * H
+    k_item = 1 if problem.k_cache_dtype else e        # one-byte caches (cupy_paged/_quant.py)
+    v_item = 1 if problem.v_cache_dtype else e
     rotary = problem.cos_rows * (problem.rotary_dim // 2) * e
     return {"query": T * width * e, "key": 0 if problem.packed else T * Nkv * H * e,
-            "value": 0 if problem.packed else T * Nkv * H * e, "key_cache": cache,
-            "value_cache": cache, "cumulative_sequence_length": (problem.batch + 1) * i32,
+            "value": 0 if problem.packed else T * Nkv * H * e, "key_cache": slots * k_item,
+            "value_cache": slots * v_item, "cumulative_sequence_length": (problem.batch + 1) * i32,
             "past_seqlens": problem.batch * i32,
             "block_table": problem.batch * problem.max_blocks * i32, "cos_cache": rotary,
             "sin_cache": rotary, "out": T * N * H * e,
             "head_sink": N * e if problem.head_sink else 0,
             "slot_mapping": T * i32 if problem.slot_mapping else 0,
             "q_norm_weight": H * e if problem.qk_norm else 0,
-            "k_norm_weight": H * e if problem.qk_norm else 0}
+            "k_norm_weight": H * e if problem.qk_norm else 0,
+            # scales: at most per channel (a per-tensor one is 4 bytes of it)
+            "k_scale": 4 * Nkv * H if problem.k_cache_dtype else 0,
+            "v_scale": 4 * Nkv * H if problem.v_cache_dtype else 0}
 
 
 def _span(x):

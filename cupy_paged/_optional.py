@@ -2,7 +2,8 @@
 "Optional inputs"): their names, their defaults, and their checks.
 
 Arrays: ``head_sink`` (N,), ``slot_mapping`` (T,) int32, ``q_norm_weight`` and
-``k_norm_weight`` (H,). Attributes: ``qk_norm_epsilon`` (finite > 0) and ``rotary_offset``
+``k_norm_weight`` (H,), ``k_scale`` and ``v_scale`` (one-byte caches: ``_quant.py``, checked
+with the caches). Attributes: ``qk_norm_epsilon`` (finite > 0) and ``rotary_offset``
 (a multiple of 8). Each absent or at its default means today's behaviour, bit for bit.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ import numpy as np
 
 from . import _checks
 
-ARRAYS = ("head_sink", "slot_mapping", "q_norm_weight", "k_norm_weight")
+ARRAYS = ("head_sink", "slot_mapping", "q_norm_weight", "k_norm_weight", "k_scale", "v_scale")
 ATTRIBUTES = {"qk_norm_epsilon": 1e-6, "rotary_offset": 0}
 
 

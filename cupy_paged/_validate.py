@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _checks, _optional
+from . import _checks, _optional, _quant
 from ._checks import FLOAT_DTYPES
 
 
@@ -49,6 +49,9 @@ class Problem:
     qk_norm: bool = False               # q_norm_weight and k_norm_weight (H,) are given
     qk_norm_epsilon: float = 1e-6
     rotary_offset: int = 0              # first rotated channel
+    k_cache_dtype: str = ""             # "int8" / "float8_e4m3fn" with k_scale; "": dtype
+    v_cache_dtype: str = ""             # the same for value_cache with v_scale
+    quantized_cache: bool = False       # either cache is one-byte
 
     @property
     def group(self):
@@ -112,12 +115,17 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
     key_cache, value_cache = a["key_cache"], a["value_cache"]
     dtype = _float_dtype("query", a["query"])
     _rank("key_cache", key_cache, 4, "(num_blocks, block_size, kv_num_heads, head_size)")
-    _dtype_is("key_cache", key_cache, dtype)
     num_blocks, block_size, cache_heads, head_size = (int(d) for d in key_cache.shape)
-    _same("value_cache", value_cache, key_cache, "key_cache")
     if cache_heads != kv_num_heads:
         raise ValueError(f"key_cache: expected shape[2] == kv_num_heads ({kv_num_heads}), "
                          f"got shape {tuple(key_cache.shape)}")
+    k_quant = _quant.cache_dtype("key_cache", key_cache, a.get("k_scale"), dtype,
+                                 kv_num_heads, head_size)
+    if tuple(value_cache.shape) != tuple(key_cache.shape):
+        raise ValueError(f"value_cache: expected the shape of key_cache "
+                         f"{tuple(key_cache.shape)}, got {tuple(value_cache.shape)}")
+    v_quant = _quant.cache_dtype("value_cache", value_cache, a.get("v_scale"), dtype,
+                                 kv_num_heads, head_size)
     if head_size % 8 or head_size == 0:
         raise ValueError(f"key_cache: head_size (shape[3]) must be a positive multiple of 8, "
                          f"got {head_size}")
@@ -146,7 +154,9 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
         rotary_dim=rotary_dim, cos_rows=cos_rows,
         max_seqlen_q=_optional_bound("max_seqlen_q", max_seqlen_q),
         max_seqlen_k=_optional_bound("max_seqlen_k", max_seqlen_k),
-        total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens), **optional)
+        total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens),
+        k_cache_dtype=k_quant, v_cache_dtype=v_quant, quantized_cache=bool(k_quant or v_quant),
+        **optional)
 
 
 def check_metadata(problem, cum, past, block_table, slot_mapping=None):

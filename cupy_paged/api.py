@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from . import _buffers, _optional, _validate, backends
+from . import _buffers, _optional, _quant, _validate, backends
 from ._arrays import adopt_arrays
 from .backends import _guard
 from .backends.plan import DEFAULT_OPTIONS
@@ -21,7 +21,7 @@ def paged_attention(
     backend="auto", validate=False, out=None,
     max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None, options=None,
     head_sink=None, slot_mapping=None, q_norm_weight=None, k_norm_weight=None,
-    qk_norm_epsilon=1e-6, rotary_offset=0,
+    qk_norm_epsilon=1e-6, rotary_offset=0, k_scale=None, v_scale=None,
 ):
     """Attention of new tokens over a paged KV cache (ONNX Runtime ``PagedAttention`` semantics).
 
@@ -44,6 +44,8 @@ def paged_attention(
     q_norm_weight, k_norm_weight: (H,) in query's dtype, both or neither: RMSNorm of every
     query and key head (epsilon qk_norm_epsilon, finite > 0) before rotary (reference).
     rotary_offset: a multiple of 8, the first rotated channel (reference).
+    k_scale, v_scale: float32 (1,) per tensor or (Nkv, 1, H) per channel, the scales of an
+    int8 / float8_e4m3fn key / value cache (each with its own; reference).
     backend: "auto" | "flash" | "mea" | "reference". validate: also run the data-dependent
     checks on GPU input on the host before the launch, and after it wait for the GPU and raise
     the metadata guard's error (``check_errors``); NumPy input is always checked. Without it,
@@ -64,7 +66,8 @@ def paged_attention(
     adopted = _adopt(query, key, value, key_cache, value_cache, cumulative_sequence_length,
                      past_seqlens, block_table, cos_cache, sin_cache, out,
                      head_sink=head_sink, slot_mapping=slot_mapping,
-                     q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight)
+                     q_norm_weight=q_norm_weight, k_norm_weight=k_norm_weight,
+                     k_scale=k_scale, v_scale=v_scale)
     problem = _validate.check_arguments(
         adopted.arrays, num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale,
         softcap=softcap, local_window_size=local_window_size, do_rotary=do_rotary,
@@ -178,6 +181,11 @@ def _run(plan_, adopted, out, validate):
     with adopted.context():      # the arrays' GPU; torch tensors: torch's current stream
         if not plan_.gpu or validate:
             _validate.check_metadata(problem, *_metadata_on_host(adopted))
+            for name in ("k_scale", "v_scale") if problem.quantized_cache else ():
+                scale = adopted.arrays[name]
+                if scale is not None:
+                    _quant.check_scale_values(name, scale if adopted.kind == "numpy"
+                                              else scale.get())
         result = adopted.arrays["out"]
         if result is None:
             result = adopted.xp.empty(

@@ -11,6 +11,8 @@ import math
 
 import numpy as np
 
+from . import _quant
+
 __all__ = ["paged_attention_reference", "token_positions", "apply_rotary", "rms_norm"]
 
 # Query rows attended at once; bounds the (N, rows, kv_len) score array of long prefills.
@@ -24,7 +26,7 @@ def paged_attention_reference(
     num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
     do_rotary=False, rotary_interleaved=False, compute_dtype=np.float32, head_sink=None,
     slot_mapping=None, q_norm_weight=None, k_norm_weight=None, qk_norm_epsilon=1e-6,
-    rotary_offset=0,
+    rotary_offset=0, k_scale=None, v_scale=None,
 ):
     """Paged attention on NumPy arrays, following ``docs/semantics.md``.
 
@@ -38,6 +40,9 @@ def paged_attention_reference(
     K/V goes to (-1: not stored), instead of the one block_table gives; reads use block_table.
     q_norm_weight, k_norm_weight: None, or (H,) each: RMSNorm (epsilon qk_norm_epsilon) of every
     query and key head before rotary. rotary_offset: the first rotated channel.
+    k_scale, v_scale: None, or float32 (1,) / (Nkv, 1, H) scales of an int8 or float8_e4m3fn
+    key / value cache: new keys / values are quantised on write, cached ones dequantised on
+    read (cupy_paged/_quant.py has the rule).
     Returns (T, N*H) in query's dtype. Input must already be valid (no checks here).
     Arithmetic follows IEEE like the GPU kernels (an overflow gives inf, whatever
     ``numpy.seterr`` says); an exception after the cache write (MemoryError,
@@ -73,14 +78,15 @@ def paged_attention_reference(
             offsets = np.where(flat >= 0, flat % block_size, 0)
         mapped = blocks >= 0                                  # block -1: the token is not written
         slots = blocks[mapped], offsets[mapped]
-        k_new, v_new = k[mapped].astype(key_cache.dtype), v[mapped].astype(value_cache.dtype)
+        k_new = _to_cache(k[mapped], key_cache, k_scale)
+        v_new = _to_cache(v[mapped], value_cache, v_scale)
         saved = key_cache[slots], value_cache[slots]          # copies (fancy indexing)
         try:
             key_cache[slots] = k_new
             value_cache[slots] = v_new
             out = _attend_sequences(q, key_cache, value_cache, cum, past, table, pos,
                                     softmax_scale, softcap, local_window_size,
-                                    num_heads // kv_num_heads, cd, sink)
+                                    num_heads // kv_num_heads, cd, sink, (k_scale, v_scale))
             return out.reshape(num_tokens, num_heads * head_size).astype(query.dtype)
         except BaseException:
             # A slot two tokens write was saved once, before either write.
@@ -146,7 +152,7 @@ def _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd):
 
 
 def _attend_sequences(q, key_cache, value_cache, cum, past, table, pos, scale, softcap, window,
-                      group, cd, sink=None):
+                      group, cd, sink=None, scales=(None, None)):
     """Each sequence's new queries q (T, N, H) over its keys in the caches; returns (T, N, H)."""
     out = np.zeros(q.shape, dtype=cd)
     for b in range(len(past)):
@@ -154,7 +160,7 @@ def _attend_sequences(q, key_cache, value_cache, cum, past, table, pos, scale, s
         if stop == start:
             continue
         keys, values, mapped = _gather_sequence(key_cache, value_cache, table[b],
-                                                int(past[b]) + stop - start, cd)
+                                                int(past[b]) + stop - start, cd, scales)
         for lo in range(start, stop, _QUERY_CHUNK):
             hi = min(lo + _QUERY_CHUNK, stop)
             out[lo:hi] = _attend(q[lo:hi], keys, values, mapped, pos[lo:hi], scale, softcap,
@@ -162,8 +168,22 @@ def _attend_sequences(q, key_cache, value_cache, cum, past, table, pos, scale, s
     return out
 
 
-def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd):
-    """Logical K, V (kv_len, Nkv, H) of one sequence and a (kv_len,) mask of mapped positions."""
+def _to_cache(x, cache, scale):
+    """New keys or values (tokens, Nkv, H) as the cache stores them: cast, or quantised
+    with scale for a one-byte cache."""
+    if scale is None:
+        return x.astype(cache.dtype)
+    return _quant.quantize(x, np.asarray(scale), str(cache.dtype), cache.dtype)
+
+
+def _from_cache(x, scale, cd):
+    """Cached values in compute dtype cd: cast, or dequantised with scale."""
+    return x.astype(cd) if scale is None else _quant.dequantize(x, np.asarray(scale), cd)
+
+
+def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd, scales=(None, None)):
+    """Logical K, V (kv_len, Nkv, H) of one sequence and a (kv_len,) mask of mapped positions
+    (scales: the caches' (k_scale, v_scale), None for caches in the activations' dtype)."""
     block_size = key_cache.shape[1]
     kpos = np.arange(kv_len)
     blocks = table_row[kpos // block_size]
@@ -172,8 +192,8 @@ def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd):
         empty = np.zeros((kv_len,) + key_cache.shape[2:], dtype=cd)
         return empty, empty, mapped
     safe = np.where(mapped, blocks, 0)
-    keys = key_cache[safe, kpos % block_size].astype(cd)
-    values = value_cache[safe, kpos % block_size].astype(cd)
+    keys = _from_cache(key_cache[safe, kpos % block_size], scales[0], cd)
+    values = _from_cache(value_cache[safe, kpos % block_size], scales[1], cd)
     # Unmapped positions read block 0 as a stand-in: zero them, or a NaN there (a cache from
     # empty()) would leak into the output through 0 * NaN.
     keys[~mapped] = 0

@@ -22,6 +22,34 @@ def visible_positions(block_table_row, block_size, p, window):
     return seen
 
 
+def _scale_of(scale, h, c):
+    """Channel c of kv head h's scale: per tensor (1,) or per channel (Nkv, 1, H)."""
+    return float(scale[0]) if scale.shape == (1,) else float(scale[h, 0, c])
+
+
+def _store(x, dtype, scale, h):
+    """One head vector as a cache of ``dtype`` stores it: a cast, or one-byte quantisation
+    (int8: round half to even, clamp to [-128, 127]; e4m3: clamp to +-448, then the cast)."""
+    if scale is None:
+        return x
+    out = []
+    for c, v in enumerate(x):
+        y = float(v) / _scale_of(scale, h, c)
+        if str(numpy.dtype(dtype)) == "int8":
+            out.append(min(127.0, max(-128.0, float(numpy.rint(y)))))
+        else:
+            out.append(min(448.0, max(-448.0, y)))
+    return numpy.array(out, dtype=numpy.float64).astype(dtype)
+
+
+def _load(x, scale, h):
+    """One cached head vector in float64: dequantised with its scale when it has one."""
+    x = numpy.asarray(x).astype(numpy.float64)
+    if scale is None:
+        return x
+    return numpy.array([v * _scale_of(scale, h, c) for c, v in enumerate(x)])
+
+
 def _rms(x, weight, epsilon):
     """RMSNorm of one head vector (float64), times weight."""
     mean_square = sum(float(v) * float(v) for v in x) / len(x)
@@ -54,12 +82,15 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                           num_heads, kv_num_heads, scale=0.0, softcap=0.0,
                           local_window_size=-1, do_rotary=False, rotary_interleaved=False,
                           head_sink=None, slot_mapping=None, q_norm_weight=None,
-                          k_norm_weight=None, qk_norm_epsilon=1e-6, rotary_offset=0):
+                          k_norm_weight=None, qk_norm_epsilon=1e-6, rotary_offset=0,
+                          k_scale=None, v_scale=None):
     """Return (out, new_key_cache, new_value_cache); the caches given are not modified.
     head_sink: None, or (N,) sink logits that join each row's denominator (no value).
     slot_mapping: None, or (T,) flat write slots (-1: not stored). q_norm_weight,
     k_norm_weight: RMSNorm weights (H,) of every query / key head, before rotary.
-    rotary_offset: the first rotated channel.
+    rotary_offset: the first rotated channel. k_scale, v_scale: scales (1,) or (Nkv, 1, H) of
+    an int8 / float8_e4m3fn cache: quantised element by element on write, times the scale on
+    read.
 
     out is (T, N*H) in query.dtype; the new caches are copies in the caches' dtype.
     """
@@ -122,8 +153,8 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                 if blk == -1:
                     continue
             for h in range(Nkv):
-                kc[blk, off, h, :] = k_heads[t][h]
-                vc[blk, off, h, :] = v_heads[t][h]
+                kc[blk, off, h, :] = _store(k_heads[t][h], kc.dtype, k_scale, h)
+                vc[blk, off, h, :] = _store(v_heads[t][h], vc.dtype, v_scale, h)
 
     # 4. attention, reading every key (old and new) from the written caches
     out = numpy.zeros((T, N * H), dtype=numpy.float64)
@@ -138,7 +169,7 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                 scores = []
                 for k in keys:
                     blk = int(block_table[b][k // bs])
-                    kv = numpy.asarray(kc[blk, k % bs, h, :], dtype=numpy.float64)
+                    kv = _load(kc[blk, k % bs, h, :], k_scale, h)
                     s = scale * float(numpy.dot(q, kv))
                     if softcap > 0:
                         s = softcap * math.tanh(s / softcap)
@@ -154,6 +185,6 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                 acc = numpy.zeros(H, dtype=numpy.float64)
                 for w, k in zip(weights, keys):
                     blk = int(block_table[b][k // bs])
-                    acc += (w / total) * numpy.asarray(vc[blk, k % bs, h, :], dtype=numpy.float64)
+                    acc += (w / total) * _load(vc[blk, k % bs, h, :], v_scale, h)
                 out[t, n * H:(n + 1) * H] = acc
     return out.astype(query.dtype), kc, vc

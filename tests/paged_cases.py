@@ -49,6 +49,9 @@ class Case:
     slots: bool = False       # a slot_mapping of distinct random slots, a quarter of them -1
     qk_norm: bool = False     # q_norm_weight / k_norm_weight drawn in [0.5, 1.5)
     rot_off: int = 0          # rotary_offset (set R too: R + rot_off <= H)
+    quant: str = ""           # key_cache as int8 / float8_e4m3fn with a k_scale
+    vquant: str = None        # value_cache's (None: as quant)
+    per_channel: bool = False # scales (Nkv, 1, H) instead of (1,)
 
 
 def draw_lens(case, rng):
@@ -142,7 +145,24 @@ def make_inputs(case, rng):
         kwargs["qk_norm_epsilon"] = 1e-5
     if case.rot_off:
         kwargs["rotary_offset"] = case.rot_off
+    vquant = case.quant if case.vquant is None else case.vquant
+    if case.quant or vquant:                          # one-byte caches of random contents
+        caches = list(args[3:5])
+        for i, (kind, name) in enumerate(((case.quant, "k_scale"), (vquant, "v_scale"))):
+            if kind:
+                shape = (Nkv, 1, H) if case.per_channel else (1,)
+                kwargs[name] = rng.uniform(0.01, 0.04, shape).astype(np.float32)
+                caches[i] = _one_byte(kind, caches[i].shape, rng)
+        args = args[:3] + tuple(caches) + args[5:]
     return Inputs(args, kwargs, q_lens, pasts)
+
+
+def _one_byte(kind, shape, rng):
+    """A random int8 or float8_e4m3fn cache."""
+    if kind == "int8":
+        return rng.integers(-128, 128, shape).astype(np.int8)
+    import ml_dtypes
+    return np.clip(rng.standard_normal(shape) * 60, -448, 448).astype(ml_dtypes.float8_e4m3fn)
 
 
 def written_slots(inp):
@@ -364,6 +384,25 @@ def optional_input_cases():
         Case("all-together", slots=True, qk_norm=True, rot_off=8, rotary="neox", R=16, H=32,
              sink=1.0, W=4, softcap=5.0, q_gain=2.0, N=8, Nkv=2, bs=3, spare=4, holes=1),
         Case("optional-empty-rows", slots=True, qk_norm=True, lens=((0, 4), (3, 2), (2, 0)),
+             unmapped=(1,), bs=2, N=4, Nkv=2),
+    ]
+
+
+def quantized_cases():
+    """One-byte caches: int8 and float8_e4m3fn, per-tensor and per-channel scales, K and V of
+    different kinds, with GQA, packed QKV, window, softcap, holes, empty rows and a head sink
+    (no rotary or QK-norm: the naive loop and the reference compute those keys in different
+    orders, which a one-byte rounding could tell apart)."""
+    return [
+        Case("int8-tensor-mixed", quant="int8", N=6, Nkv=2, H=16),
+        Case("int8-channel-decode", quant="int8", per_channel=True, mode="decode", B=5, bs=3),
+        Case("fp8-tensor-chunk", quant="float8_e4m3fn", mode="chunk", packed=True, bs=4),
+        Case("fp8-channel-window-cap", quant="float8_e4m3fn", per_channel=True, mode="chunk",
+             W=3, softcap=5.0, q_gain=2.0, N=4, Nkv=1),
+        Case("k-int8-v-fp8-holes", quant="int8", vquant="float8_e4m3fn", mode="chunk", holes=2,
+             bs=2, B=4),
+        Case("v-only-int8", quant="", vquant="int8", per_channel=True, N=4, Nkv=2),
+        Case("int8-sink-empty-rows", quant="int8", sink=1.0, lens=((0, 4), (3, 2), (2, 0)),
              unmapped=(1,), bs=2, N=4, Nkv=2),
     ]
 

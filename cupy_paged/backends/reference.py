@@ -33,7 +33,8 @@ class _ReferenceStep:
             compute_dtype=compute, head_sink=host.get("head_sink"),
             slot_mapping=host.get("slot_mapping"), q_norm_weight=host.get("q_norm_weight"),
             k_norm_weight=host.get("k_norm_weight"), qk_norm_epsilon=problem.qk_norm_epsilon,
-            rotary_offset=problem.rotary_offset)
+            rotary_offset=problem.rotary_offset, k_scale=host.get("k_scale"),
+            v_scale=host.get("v_scale"))
         if isinstance(out, np.ndarray):
             out[...] = result
             return
