@@ -15,12 +15,12 @@ from cupy_paged import _validate
 from cupy_paged.backends import BACKENDS, UnsupportedError, choose_backend
 
 try:
-    from .paged_cases import (check_against_naive, make_inputs, optional_input_cases, seed_of,
-                              sink_cases)
+    from .optional_cases import optional_input_cases, sink_cases
+    from .paged_cases import check_against_naive, make_inputs, seed_of
     from .test_validation import call, make_case
 except ImportError:
-    from paged_cases import (check_against_naive, make_inputs, optional_input_cases, seed_of,
-                             sink_cases)
+    from optional_cases import optional_input_cases, sink_cases
+    from paged_cases import check_against_naive, make_inputs, seed_of
     from test_validation import call, make_case
 
 CASES = optional_input_cases() + sink_cases()     # head_sink's GPU tests: test_head_sink.py

@@ -15,11 +15,13 @@ from cupy_paged import _quant
 from cupy_paged.backends import BACKENDS
 
 try:
-    from .paged_cases import check_against_naive, make_inputs, quantized_cases, seed_of
+    from .optional_cases import quantized_cases
+    from .paged_cases import check_against_naive, make_inputs, seed_of
     from .test_optional_inputs import problem_of
     from .test_validation import call, make_case
 except ImportError:
-    from paged_cases import check_against_naive, make_inputs, quantized_cases, seed_of
+    from optional_cases import quantized_cases
+    from paged_cases import check_against_naive, make_inputs, seed_of
     from test_optional_inputs import problem_of
     from test_validation import call, make_case
 

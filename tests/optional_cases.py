@@ -1,0 +1,64 @@
+"""The cases of the optional inputs beyond opset 1 (head sinks, slot_mapping, QK-norm,
+rotary_offset, one-byte caches), drawn by paged_cases.make_inputs like every other case."""
+try:
+    from .paged_cases import Case
+except ImportError:
+    from paged_cases import Case
+
+
+def sink_cases():
+    """Cases with a head sink (ONNX Runtime's head_sink input): alone and with GQA, window,
+    softcap, rotary, packed QKV, holes, empty sequences and rows that see no key, at sink
+    scales from below to far above the logits."""
+    return [
+        Case("sink-mixed", sink=1.0, N=6, Nkv=2, H=16),
+        Case("sink-decode-gqa", sink=2.0, mode="decode", B=5, N=8, Nkv=2, H=16, bs=3),
+        Case("sink-prefill-big", sink=30.0, mode="prefill", B=2, N=4, Nkv=4, H=8, bs=5),
+        Case("sink-chunk-window-cap", sink=1.0, mode="chunk", W=3, softcap=5.0, q_gain=4.0,
+             N=4, Nkv=1, H=16, bs=4, rotary="gptj"),
+        Case("sink-packed-holes", sink=0.5, mode="chunk", holes=3, bs=2, B=4, packed=True,
+             rotary="neox"),
+        Case("sink-empty-rows", sink=1.0, lens=((0, 4), (3, 2), (2, 0)), unmapped=(1,), bs=2,
+             N=4, Nkv=2),
+        Case("sink-long-decode", sink=1.0, lens=((1, 300), (1, 40), (1, 0)), N=4, Nkv=2,
+             H=16, bs=16),
+    ]
+
+
+def optional_input_cases():
+    """Cases with slot_mapping, QK-norm and rotary_offset, alone and together (and with a
+    head sink, GQA, packed QKV, window, softcap, holes and empty sequences)."""
+    return [
+        Case("slots-mixed", slots=True, N=6, Nkv=2, H=16, spare=3),
+        Case("slots-decode-holes", slots=True, mode="decode", B=5, bs=3, holes=2),
+        Case("slots-packed-rotary", slots=True, mode="chunk", packed=True, rotary="gptj",
+             bs=4, spare=2),
+        Case("qknorm-mixed", qk_norm=True, N=4, Nkv=2, H=16),
+        Case("qknorm-rotary-neox", qk_norm=True, mode="chunk", rotary="neox", H=32, N=4, Nkv=1),
+        Case("rotoff-8-neox", rot_off=8, rotary="neox", R=8, H=32, mode="chunk"),
+        Case("rotoff-16-gptj-packed", rot_off=16, rotary="gptj", R=16, H=32, packed=True),
+        Case("all-together", slots=True, qk_norm=True, rot_off=8, rotary="neox", R=16, H=32,
+             sink=1.0, W=4, softcap=5.0, q_gain=2.0, N=8, Nkv=2, bs=3, spare=4, holes=1),
+        Case("optional-empty-rows", slots=True, qk_norm=True, lens=((0, 4), (3, 2), (2, 0)),
+             unmapped=(1,), bs=2, N=4, Nkv=2),
+    ]
+
+
+def quantized_cases():
+    """One-byte caches: int8 and float8_e4m3fn, per-tensor and per-channel scales, K and V of
+    different kinds, with GQA, packed QKV, window, softcap, holes, empty rows and a head sink
+    (no rotary or QK-norm: the naive loop and the reference compute those keys in different
+    orders, which a one-byte rounding could tell apart)."""
+    return [
+        Case("int8-tensor-mixed", quant="int8", N=6, Nkv=2, H=16),
+        Case("int8-channel-decode", quant="int8", per_channel=True, mode="decode", B=5, bs=3),
+        Case("fp8-tensor-chunk", quant="float8_e4m3fn", mode="chunk", packed=True, bs=4),
+        Case("fp8-channel-window-cap", quant="float8_e4m3fn", per_channel=True, mode="chunk",
+             W=3, softcap=5.0, q_gain=2.0, N=4, Nkv=1),
+        Case("k-int8-v-fp8-holes", quant="int8", vquant="float8_e4m3fn", mode="chunk", holes=2,
+             bs=2, B=4),
+        Case("v-only-int8", quant="", vquant="int8", per_channel=True, N=4, Nkv=2),
+        Case("int8-sink-empty-rows", quant="int8", sink=1.0, lens=((0, 4), (3, 2), (2, 0)),
+             unmapped=(1,), bs=2, N=4, Nkv=2),
+    ]
+
