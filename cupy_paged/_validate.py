@@ -52,6 +52,8 @@ class Problem:
     k_cache_dtype: str = ""             # "int8" / "float8_e4m3fn" with k_scale; "": dtype
     v_cache_dtype: str = ""             # the same for value_cache with v_scale
     quantized_cache: bool = False       # either cache is one-byte
+    non_causal: bool = False            # is_causal=False: new tokens see each other both ways
+    negative_scale: bool = False        # a scale < 0 (ORT has no sign check)
 
     @property
     def group(self):
@@ -93,19 +95,22 @@ def check_arguments(a, **attributes):
 
 def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window_size,
                      do_rotary, rotary_interleaved, max_seqlen_q=None, max_seqlen_k=None,
-                     total_kv_tokens=None, **optional):
+                     total_kv_tokens=None, is_causal=True, **optional):
     num_heads = _positive_int("num_heads", num_heads)
     kv_num_heads = _positive_int("kv_num_heads", kv_num_heads)
     if num_heads % kv_num_heads:
         raise ValueError(f"num_heads: must be a multiple of kv_num_heads ({kv_num_heads}), "
                          f"got {num_heads}")
-    scale = _finite("scale", scale)
-    if scale < 0:
-        raise ValueError(f"scale: expected >= 0 (0 means 1/sqrt(head_size)), got {scale}")
+    scale = _finite("scale", scale)                  # 0: 1/sqrt(H); any other finite value, as ORT
     softcap = _finite("softcap", softcap)            # <= 0: off, as in ORT
     window = _integer("local_window_size", local_window_size)  # <= 0: off, as in ORT
     do_rotary = _flag("do_rotary", do_rotary)
     rotary_interleaved = _flag("rotary_interleaved", rotary_interleaved)
+    is_causal = _flag("is_causal", is_causal)
+    if not is_causal and window > 0:
+        raise ValueError(f"local_window_size: {window} with is_causal=False is not defined here "
+                         "(ONNX Runtime's two-sided window is not implemented); pass "
+                         "local_window_size=-1 or is_causal=True")
 
     for name, array in a.items():
         if array is not None and not array.flags.c_contiguous:
@@ -149,13 +154,14 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
         num_tokens=num_tokens, batch=batch, num_heads=num_heads, kv_num_heads=kv_num_heads,
         head_size=head_size, block_size=block_size, num_blocks=num_blocks,
         max_blocks=int(a["block_table"].shape[1]), packed=packed, dtype=dtype,
-        scale=scale if scale > 0 else 1.0 / math.sqrt(head_size), softcap=softcap,
+        scale=scale if scale != 0 else 1.0 / math.sqrt(head_size), softcap=softcap,
         window=window, do_rotary=do_rotary, rotary_interleaved=rotary_interleaved,
         rotary_dim=rotary_dim, cos_rows=cos_rows,
         max_seqlen_q=_optional_bound("max_seqlen_q", max_seqlen_q),
         max_seqlen_k=_optional_bound("max_seqlen_k", max_seqlen_k),
         total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens),
         k_cache_dtype=k_quant, v_cache_dtype=v_quant, quantized_cache=bool(k_quant or v_quant),
+        non_causal=not is_causal, negative_scale=scale < 0,
         **optional)
 
 

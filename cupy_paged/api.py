@@ -21,7 +21,7 @@ def paged_attention(
     backend="auto", validate=False, out=None,
     max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None, options=None,
     head_sink=None, slot_mapping=None, q_norm_weight=None, k_norm_weight=None,
-    qk_norm_epsilon=1e-6, rotary_offset=0, k_scale=None, v_scale=None,
+    qk_norm_epsilon=1e-6, rotary_offset=0, k_scale=None, v_scale=None, is_causal=True,
 ):
     """Attention of new tokens over a paged KV cache (ONNX Runtime ``PagedAttention`` semantics).
 
@@ -46,6 +46,9 @@ def paged_attention(
     rotary_offset: a multiple of 8, the first rotated channel (reference).
     k_scale, v_scale: float32 (1,) per tensor or (Nkv, 1, H) per channel, the scales of an
     int8 / float8_e4m3fn key / value cache (each with its own; reference).
+    is_causal=False: the new tokens of a sequence see each other both ways, every key
+    0 .. past + q_len - 1 (no window; reference). A negative scale is taken as given, like
+    ONNX Runtime (reference).
     backend: "auto" | "flash" | "mea" | "reference". validate: also run the data-dependent
     checks on GPU input on the host before the launch, and after it wait for the GPU and raise
     the metadata guard's error (``check_errors``); NumPy input is always checked. Without it,
@@ -73,7 +76,7 @@ def paged_attention(
         softcap=softcap, local_window_size=local_window_size, do_rotary=do_rotary,
         rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens,
-        qk_norm_epsilon=qk_norm_epsilon, rotary_offset=rotary_offset)
+        qk_norm_epsilon=qk_norm_epsilon, rotary_offset=rotary_offset, is_causal=is_causal)
     plan_ = backends.plan_for(requested, problem, adopted.kind, adopted.device, adopted.sm,
                               DEFAULT_OPTIONS if options is None else options)
     return _run(plan_, adopted, out, validate)
@@ -107,12 +110,13 @@ def plan(query, key, value, key_cache, value_cache, cumulative_sequence_length, 
 def _attributes(*, num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
                 do_rotary=False, rotary_interleaved=False, max_seqlen_q=None,
                 max_seqlen_k=None, total_kv_tokens=None, qk_norm_epsilon=1e-6,
-                rotary_offset=0):
+                rotary_offset=0, is_causal=True):
     return dict(num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, softcap=softcap,
                 local_window_size=local_window_size, do_rotary=do_rotary,
                 rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens,
-                qk_norm_epsilon=qk_norm_epsilon, rotary_offset=rotary_offset)
+                qk_norm_epsilon=qk_norm_epsilon, rotary_offset=rotary_offset,
+                is_causal=is_causal)
 
 
 class AttentionPlan:

@@ -26,7 +26,7 @@ def paged_attention_reference(
     num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
     do_rotary=False, rotary_interleaved=False, compute_dtype=np.float32, head_sink=None,
     slot_mapping=None, q_norm_weight=None, k_norm_weight=None, qk_norm_epsilon=1e-6,
-    rotary_offset=0, k_scale=None, v_scale=None,
+    rotary_offset=0, k_scale=None, v_scale=None, is_causal=True,
 ):
     """Paged attention on NumPy arrays, following ``docs/semantics.md``.
 
@@ -42,7 +42,9 @@ def paged_attention_reference(
     query and key head before rotary. rotary_offset: the first rotated channel.
     k_scale, v_scale: None, or float32 (1,) / (Nkv, 1, H) scales of an int8 or float8_e4m3fn
     key / value cache: new keys / values are quantised on write, cached ones dequantised on
-    read (cupy_paged/_quant.py has the rule).
+    read (cupy_paged/_quant.py has the rule). is_causal=False: every new token of a sequence
+    sees all of its keys 0 .. past + q_len - 1 (no window). scale: 0 means 1/sqrt(H); any
+    other finite value (negative too) multiplies the logits.
     Returns (T, N*H) in query's dtype. Input must already be valid (no checks here).
     Arithmetic follows IEEE like the GPU kernels (an overflow gives inf, whatever
     ``numpy.seterr`` says); an exception after the cache write (MemoryError,
@@ -55,7 +57,7 @@ def paged_attention_reference(
     cum = np.asarray(cumulative_sequence_length, dtype=np.int64)
     past = np.asarray(past_seqlens, dtype=np.int64)
     table = np.asarray(block_table, dtype=np.int64)
-    softmax_scale = scale if scale > 0 else 1.0 / math.sqrt(head_size)
+    softmax_scale = scale if scale != 0 else 1.0 / math.sqrt(head_size)
 
     with np.errstate(all="ignore"):     # IEEE results, like the kernels
         q, k, v = _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd)
@@ -86,7 +88,8 @@ def paged_attention_reference(
             value_cache[slots] = v_new
             out = _attend_sequences(q, key_cache, value_cache, cum, past, table, pos,
                                     softmax_scale, softcap, local_window_size,
-                                    num_heads // kv_num_heads, cd, sink, (k_scale, v_scale))
+                                    num_heads // kv_num_heads, cd, sink, (k_scale, v_scale),
+                                    is_causal)
             return out.reshape(num_tokens, num_heads * head_size).astype(query.dtype)
         except BaseException:
             # A slot two tokens write was saved once, before either write.
@@ -152,7 +155,7 @@ def _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd):
 
 
 def _attend_sequences(q, key_cache, value_cache, cum, past, table, pos, scale, softcap, window,
-                      group, cd, sink=None, scales=(None, None)):
+                      group, cd, sink=None, scales=(None, None), is_causal=True):
     """Each sequence's new queries q (T, N, H) over its keys in the caches; returns (T, N, H)."""
     out = np.zeros(q.shape, dtype=cd)
     for b in range(len(past)):
@@ -164,7 +167,7 @@ def _attend_sequences(q, key_cache, value_cache, cum, past, table, pos, scale, s
         for lo in range(start, stop, _QUERY_CHUNK):
             hi = min(lo + _QUERY_CHUNK, stop)
             out[lo:hi] = _attend(q[lo:hi], keys, values, mapped, pos[lo:hi], scale, softcap,
-                                 window, group, sink)
+                                 window, group, sink, is_causal)
     return out
 
 
@@ -201,11 +204,12 @@ def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd, scales=(None
     return keys, values, mapped
 
 
-def _attend(q, keys, values, mapped, qpos, scale, softcap, window, group, sink=None):
+def _attend(q, keys, values, mapped, qpos, scale, softcap, window, group, sink=None,
+            is_causal=True):
     """Softmax attention of q (rows, N, H) over one sequence's keys; returns (rows, N, H).
     sink: None, or (N,) logits that join each row's denominator and add no value."""
     kpos = np.arange(len(keys))
-    visible = mapped[None, :] & (kpos[None, :] <= qpos[:, None])
+    visible = mapped[None, :] & ((kpos[None, :] <= qpos[:, None]) | (not is_causal))
     if window > 0:
         visible &= kpos[None, :] >= qpos[:, None] - window + 1
     k = np.repeat(keys, group, axis=1)        # (kv_len, N, H): query head n uses kv head n // G

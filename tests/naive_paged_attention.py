@@ -10,10 +10,11 @@ import math
 import numpy
 
 
-def visible_positions(block_table_row, block_size, p, window):
-    """Positions k of one sequence that the token at absolute position p sees (spec step 4)."""
+def visible_positions(block_table_row, block_size, p, window, kv_len=None):
+    """Positions k of one sequence that the token at absolute position p sees (spec step 4);
+    kv_len given: not causal, every position below it (no window)."""
     seen = []
-    for k in range(p + 1):                          # bottom-right causal: k <= p
+    for k in range(p + 1 if kv_len is None else kv_len):   # bottom-right causal: k <= p
         if window > 0 and k < p - window + 1:       # exactly W keys counting itself
             continue
         if int(block_table_row[k // block_size]) == -1:   # unmapped block: masked
@@ -83,7 +84,7 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                           local_window_size=-1, do_rotary=False, rotary_interleaved=False,
                           head_sink=None, slot_mapping=None, q_norm_weight=None,
                           k_norm_weight=None, qk_norm_epsilon=1e-6, rotary_offset=0,
-                          k_scale=None, v_scale=None):
+                          k_scale=None, v_scale=None, is_causal=True):
     """Return (out, new_key_cache, new_value_cache); the caches given are not modified.
     head_sink: None, or (N,) sink logits that join each row's denominator (no value).
     slot_mapping: None, or (T,) flat write slots (-1: not stored). q_norm_weight,
@@ -103,7 +104,7 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
     past = [int(p) for p in past_seqlens]
     kc = key_cache.copy()
     vc = value_cache.copy()
-    if scale == 0.0:
+    if scale == 0.0:                                # any other value as given, negative too
         scale = 1.0 / math.sqrt(H)
 
     # 1. split packed QKV: a row is [Q heads | K heads | V heads]
@@ -162,7 +163,8 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
         for j in range(cum[b + 1] - cum[b]):
             t = cum[b] + j
             p = past[b] + j
-            keys = visible_positions(block_table[b], bs, p, local_window_size)
+            kv_len = None if is_causal else past[b] + cum[b + 1] - cum[b]
+            keys = visible_positions(block_table[b], bs, p, local_window_size, kv_len)
             for n in range(N):
                 h = n // G
                 q = q_heads[t][n]

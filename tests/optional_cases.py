@@ -41,6 +41,13 @@ def optional_input_cases():
              sink=1.0, W=4, softcap=5.0, q_gain=2.0, N=8, Nkv=2, bs=3, spare=4, holes=1),
         Case("optional-empty-rows", slots=True, qk_norm=True, lens=((0, 4), (3, 2), (2, 0)),
              unmapped=(1,), bs=2, N=4, Nkv=2),
+        Case("non-causal-mixed", causal=False, N=6, Nkv=2, H=16),
+        Case("non-causal-chunk-holes-cap", causal=False, mode="chunk", holes=2, softcap=5.0,
+             q_gain=2.0, bs=3, rotary="neox"),
+        Case("non-causal-sink-slots", causal=False, sink=1.0, slots=True, mode="prefill", B=2,
+             N=4, Nkv=1, bs=4),
+        Case("negative-scale", scale=-0.3, mode="chunk", N=4, Nkv=2),
+        Case("negative-scale-cap-window", scale=-1.0, softcap=2.0, W=3, mode="chunk", bs=2),
     ]
 
 

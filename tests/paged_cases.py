@@ -52,6 +52,7 @@ class Case:
     quant: str = ""           # key_cache as int8 / float8_e4m3fn with a k_scale
     vquant: str = None        # value_cache's (None: as quant)
     per_channel: bool = False # scales (Nkv, 1, H) instead of (1,)
+    causal: bool = True       # False: is_causal=False (needs W <= 0)
 
 
 def draw_lens(case, rng):
@@ -130,6 +131,8 @@ def make_inputs(case, rng):
     kwargs = dict(num_heads=N, kv_num_heads=Nkv, scale=case.scale, softcap=case.softcap,
                   local_window_size=case.W, do_rotary=case.rotary != "none",
                   rotary_interleaved=case.rotary == "gptj")
+    if not case.causal:
+        kwargs["is_causal"] = False
     if case.sink:                                     # drawn last: other cases' draws unchanged
         sink = rng.normal(0.0, case.sink, N)
         if N > 2:
@@ -186,10 +189,11 @@ def written_slots(inp):
 def empty_rows(inp):
     """Rows of out whose query sees no key."""
     table, bs, W = inp.args[7], inp.args[3].shape[1], inp.kwargs["local_window_size"]
+    causal = inp.kwargs.get("is_causal", True)
     rows, t = [], 0
     for b, (q, past) in enumerate(zip(inp.q_lens, inp.pasts)):
         for j in range(q):
-            if not visible_positions(table[b], bs, past + j, W):
+            if not visible_positions(table[b], bs, past + j, W, None if causal else past + q):
                 rows.append(t)
             t += 1
     return rows

@@ -111,6 +111,9 @@ N_, H_ = 4, 16     # make_case's num_heads and head_size (tests/test_validation.
     (dict(rotary_offset=8), ValueError, "rotary_offset: 8 moves the rotated channels, but "
                                         "do_rotary is False"),
     (dict(rotary_offset=True), ValueError, "rotary_offset: expected an integer, got True"),
+    (dict(is_causal=False, local_window_size=2), ValueError,
+     "local_window_size: 2 with is_causal=False is not defined here"),
+    (dict(is_causal=0), TypeError, "is_causal: expected a bool (True or False), got 0"),
 ])
 def test_rejected(change, exc, message):
     kw = make_case(seed=14)
@@ -138,10 +141,12 @@ def problem_of(dtype=np.float32, **optional):
     a = {name: kw.get(name) for name in ("query", "key", "value", "key_cache", "value_cache",
                                          "cumulative_sequence_length", "past_seqlens",
                                          "block_table", "cos_cache", "sin_cache", "out")}
-    attrs = {k: optional.pop(k) for k in ("qk_norm_epsilon", "rotary_offset") if k in optional}
+    attrs = {k: optional.pop(k) for k in ("qk_norm_epsilon", "rotary_offset", "is_causal")
+             if k in optional}
+    scale = optional.pop("scale", 0.0)
     a.update(optional)
     return _validate.check_arguments(
-        a, num_heads=kw["num_heads"], kv_num_heads=kw["kv_num_heads"], scale=0.0, softcap=0.0,
+        a, num_heads=kw["num_heads"], kv_num_heads=kw["kv_num_heads"], scale=scale, softcap=0.0,
         local_window_size=-1, do_rotary=False, rotary_interleaved=False, **attrs)
 
 
@@ -149,6 +154,8 @@ def problem_of(dtype=np.float32, **optional):
     ("slot_mapping", dict(slot_mapping=np.zeros(8, np.int32))),
     ("qk_norm", dict(q_norm_weight=np.ones(16, np.float32),
                      k_norm_weight=np.ones(16, np.float32))),
+    ("non_causal", dict(is_causal=False)),
+    ("negative_scale", dict(scale=-0.5)),
 ])
 def test_gpu_backends_refuse_by_name_the_reference_takes_it(feature, optional):
     problem = problem_of(**optional)
@@ -167,3 +174,31 @@ def test_info_lists_the_reference_for_every_new_input():
     f = info.features()
     assert f["head_sink"] == ["flash", "reference"]
     assert f["slot_mapping"] == f["qk_norm"] == f["rotary_offset"] == ["reference"]
+    assert f["non_causal"] == f["negative_scale"] == f["quantized_cache"] == ["reference"]
+
+
+def test_non_causal_rows_see_the_whole_sequence():
+    """is_causal=False: the first new token sees the last one, so changing the last token's
+    value changes the first row's output (causal: it does not)."""
+    kw = make_case(dtype=np.float64, seed=17)
+    first, last = 0, int(kw["cumulative_sequence_length"][1]) - 1    # sequence 0's new rows
+    outs = {}
+    for causal in (True, False):
+        for bump in (0.0, 5.0):
+            v = kw["value"].copy()
+            v[last] += bump
+            args = dict(kw, value=v, key_cache=kw["key_cache"].copy(),
+                        value_cache=kw["value_cache"].copy(), is_causal=causal)
+            outs[causal, bump] = call(args)[first]
+    np.testing.assert_array_equal(outs[True, 0.0], outs[True, 5.0])
+    assert np.abs(outs[False, 0.0] - outs[False, 5.0]).max() > 1e-3
+
+
+def test_negative_scale_flips_the_logits():
+    """scale -s on q equals scale s on -q (ONNX Runtime takes any finite scale)."""
+    kw = make_case(dtype=np.float64, seed=18)
+    a = call(dict(kw, scale=-0.4, key_cache=kw["key_cache"].copy(),
+                  value_cache=kw["value_cache"].copy()))
+    b = call(dict(kw, scale=0.4, query=-kw["query"], key_cache=kw["key_cache"].copy(),
+                  value_cache=kw["value_cache"].copy()))
+    np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)

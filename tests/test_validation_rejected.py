@@ -206,7 +206,6 @@ REJECTED = [
 
     # ---- attributes -----------------------------------------------------------------------------
     case("backend-unknown", setter(backend="cuda"), VE, arg("backend"), "cuda"),
-    case("scale-negative", setter(scale=-1.0), VE, arg("scale"), r"-1"),
     case("scale-nan", setter(scale=float("nan")), VE, arg("scale"), "nan"),
     case("scale-inf", setter(scale=float("inf")), VE, arg("scale"), "inf"),
     case("scale-string", setter(scale="0.5"), VE, arg("scale"), "0.5"),

@@ -34,7 +34,7 @@ class _ReferenceStep:
             slot_mapping=host.get("slot_mapping"), q_norm_weight=host.get("q_norm_weight"),
             k_norm_weight=host.get("k_norm_weight"), qk_norm_epsilon=problem.qk_norm_epsilon,
             rotary_offset=problem.rotary_offset, k_scale=host.get("k_scale"),
-            v_scale=host.get("v_scale"))
+            v_scale=host.get("v_scale"), is_causal=not problem.non_causal)
         if isinstance(out, np.ndarray):
             out[...] = result
             return
