@@ -14,6 +14,7 @@ from collections.abc import Mapping
 import numpy
 
 from cupy_paged import _cache_html
+from cupy_paged import _quant
 from cupy_paged.rotary import _array_module, _as_int, _float_dtype
 
 
@@ -53,7 +54,10 @@ class PagedKVCache:
         block_size: tokens per block, >= 1 (GPU backends state their own rule).
         kv_num_heads: Nkv, >= 1.
         head_size: H, >= 1 (the op requires H % 8 == 0).
-        dtype: floating dtype of the caches (float16 for GPU backends, float32 on the reference).
+        dtype: floating dtype of the caches (float16 for GPU backends, float32 on the
+            reference), or a one-byte "int8" / "float8_e4m3fn" cache with ``scale``.
+        scale: for a one-byte cache only: a number (per tensor) or a (Nkv, 1, H) array (per
+            channel) for both caches, or a (k_scale, v_scale) pair; float32, finite, > 0.
         xp: numpy, cupy, "numpy", "cupy" or None (numpy).
         allocation: "sequential" hands out the lowest free block id first; "random" picks a
             uniformly random free block (seeded by ``seed``), which makes block tables
@@ -62,16 +66,20 @@ class PagedKVCache:
 
     Attributes:
         key_cache, value_cache: (num_blocks, block_size, Nkv, H) of dtype in xp, zero-initialised.
+        k_scale, v_scale: float32 scales in xp ((1,) or (Nkv, 1, H)) of a one-byte cache, to
+            pass to ``paged_attention``; None otherwise.
     """
 
     def __init__(self, num_blocks, block_size, kv_num_heads, head_size,
-                 dtype=numpy.float16, xp=None, allocation="sequential", seed=None):
+                 dtype=numpy.float16, xp=None, allocation="sequential", seed=None,
+                 scale=None):
         self._num_blocks = _as_int(num_blocks, "num_blocks", 1)
         self._block_size = _as_int(block_size, "block_size", 1)
         self._kv_num_heads = _as_int(kv_num_heads, "kv_num_heads", 1)
         self._head_size = _as_int(head_size, "head_size", 1)
-        self._dtype = _float_dtype(dtype)
         self._xp = _array_module(xp)
+        self._dtype, self.k_scale, self.v_scale = _cache_dtype_and_scales(
+            dtype, scale, self._kv_num_heads, self._head_size, self._xp)
         if allocation not in ("sequential", "random"):
             raise ValueError(
                 f'allocation must be "sequential" or "random" (got {allocation!r})'
@@ -229,8 +237,9 @@ class PagedKVCache:
     def gather(self, sid):
         """Sequence ``sid``'s logical keys and values, read through its blocks.
 
-        Returns (K, V), each a new (length, Nkv, H) array of the cache's dtype in xp. Positions
-        of a step begun but not yet run hold whatever the blocks held before.
+        Returns (K, V), each a new (length, Nkv, H) array of the cache's dtype in xp (a one-byte
+        cache's dequantised to float32: x_q * scale). Positions of a step begun but not yet run
+        hold whatever the blocks held before.
         """
         sid = self._check_sid(sid)
         ids = self._xp.asarray(numpy.asarray(self._blocks[sid], dtype=numpy.int64))
@@ -238,6 +247,8 @@ class PagedKVCache:
         tail = (self._kv_num_heads, self._head_size)
         keys = self.key_cache[ids].reshape((-1,) + tail)[:length]
         values = self.value_cache[ids].reshape((-1,) + tail)[:length]
+        if self.k_scale is not None:
+            keys, values = _dequantize(keys, self.k_scale), _dequantize(values, self.v_scale)
         return keys, values
 
     def __repr__(self):
@@ -312,3 +323,42 @@ class PagedKVCache:
             block_table=device[starts[2]:starts[2] + sizes[2]].reshape(batch, max_blocks),
             num_tokens=int(cum[-1]),
         )
+
+
+def _cache_dtype_and_scales(dtype, scale, kv_num_heads, head_size, xp):
+    """(dtype, k_scale, v_scale) of a new cache: a floating dtype and no scales, or a one-byte
+    dtype (``_quant.CACHE_DTYPES``) with its two float32 scales in xp."""
+    if isinstance(dtype, str) and dtype.startswith("float8"):
+        import ml_dtypes  # noqa: F401  (registers the float8 dtype names with NumPy)
+    try:
+        one_byte = numpy.dtype(dtype).name in _quant.CACHE_DTYPES
+    except TypeError:
+        one_byte = False
+    if not one_byte:
+        if scale is not None:
+            raise ValueError(f"scale: only a one-byte cache ({', '.join(_quant.CACHE_DTYPES)}) "
+                             f"takes a scale, got dtype {dtype!r}")
+        return _float_dtype(dtype), None, None
+    resolved = numpy.dtype(dtype)
+    if scale is None:
+        raise ValueError(f"scale: a {resolved} cache needs its scale (a number, a (Nkv, 1, H) "
+                         "array, or a (k_scale, v_scale) pair), got None")
+    pair = scale if isinstance(scale, tuple) else (scale, scale)
+    if len(pair) != 2:
+        raise ValueError(f"scale: expected a (k_scale, v_scale) pair, got {len(pair)} items")
+    scales = []
+    for name, s in zip(("k_scale", "v_scale"), pair):
+        s = numpy.asarray(s, dtype=numpy.float32)
+        s = s.reshape(1) if s.ndim == 0 else s
+        if s.shape not in ((1,), (kv_num_heads, 1, head_size)):
+            raise ValueError(f"scale: {name} must be a number or of shape (kv_num_heads, 1, "
+                             f"head_size) = ({kv_num_heads}, 1, {head_size}), got {s.shape}")
+        _quant.check_scale_values(name, s)
+        scales.append(xp.asarray(s))
+    return resolved, scales[0], scales[1]
+
+
+def _dequantize(x, scale):
+    """A one-byte (length, Nkv, H) array as float32 values x_q * scale, in x's module."""
+    return x.astype("float32") * (scale if scale.shape == (1,) else scale[:, 0, :])
+

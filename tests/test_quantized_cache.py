@@ -127,3 +127,41 @@ def test_float64_case_compare_is_exact_for_the_written_slots():
     _, kc, vc = naive_paged_attention(*inp.args, **inp.kwargs)
     np.testing.assert_array_equal(args[3], kc)
     np.testing.assert_array_equal(args[4], vc)
+
+
+@pytest.mark.parametrize("dtype, scale", [("int8", 0.03), ("float8_e4m3fn", (0.02, 0.05))])
+def test_paged_kv_cache_holds_one_byte_and_round_trips(dtype, scale):
+    """PagedKVCache(dtype=<one byte>, scale=...) saves half of an fp16 cache; a call writes
+    quantised keys and gather() gives them back dequantised, within half a step of each."""
+    kv, H, rng = 2, 16, np.random.default_rng(23)
+    cache = cpg.PagedKVCache(num_blocks=8, block_size=4, kv_num_heads=kv, head_size=H,
+                             dtype=dtype, scale=scale)
+    fp16 = cpg.PagedKVCache(num_blocks=8, block_size=4, kv_num_heads=kv, head_size=H,
+                            dtype=np.float16)
+    assert cache.key_cache.nbytes * 2 == fp16.key_cache.nbytes
+    sid = cache.add_sequence()
+    step = cache.begin_step({sid: 6})
+    k = 0.5 * rng.standard_normal((6, kv * H))      # inside the int8 range: no saturation
+    out = cpg.paged_attention(
+        rng.standard_normal((6, 4 * H)), k, rng.standard_normal((6, kv * H)),
+        cache.key_cache, cache.value_cache, step.cumulative_sequence_length, step.past_seqlens,
+        step.block_table, num_heads=4, kv_num_heads=kv, k_scale=cache.k_scale,
+        v_scale=cache.v_scale)
+    assert np.isfinite(out).all()
+    keys, _ = cache.gather(sid)
+    assert keys.dtype == np.float32
+    step_k = float(cache.k_scale[0])
+    tol = 0.5 * step_k if dtype == "int8" else 0.07 * np.abs(k).max() + step_k
+    assert np.abs(keys.reshape(6, kv * H) - k).max() <= tol
+
+
+def test_paged_kv_cache_scale_rules():
+    with pytest.raises(ValueError, match=re.escape("scale: a int8 cache needs its scale")):
+        cpg.PagedKVCache(8, 4, 2, 16, dtype="int8")
+    with pytest.raises(ValueError, match=re.escape("scale: only a one-byte cache")):
+        cpg.PagedKVCache(8, 4, 2, 16, dtype=np.float16, scale=1.0)
+    with pytest.raises(ValueError, match=re.escape("k_scale: every scale must be finite")):
+        cpg.PagedKVCache(8, 4, 2, 16, dtype="int8", scale=0.0)
+    with pytest.raises(ValueError, match=re.escape("scale: v_scale must be a number or of "
+                                                   "shape (kv_num_heads, 1, head_size)")):
+        cpg.PagedKVCache(8, 4, 2, 16, dtype="int8", scale=(1.0, np.ones((2, 16))))
