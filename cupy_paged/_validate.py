@@ -51,9 +51,17 @@ class Problem:
     rotary_offset: int = 0              # first rotated channel
     k_cache_dtype: str = ""             # "int8" / "float8_e4m3fn" with k_scale; "": dtype
     v_cache_dtype: str = ""             # the same for value_cache with v_scale
-    quantized_cache: bool = False       # either cache is one-byte
     non_causal: bool = False            # is_causal=False: new tokens see each other both ways
-    negative_scale: bool = False        # a scale < 0 (ORT has no sign check)
+
+    @property
+    def quantized_cache(self):
+        """Either cache is one-byte (k_scale / v_scale given)."""
+        return bool(self.k_cache_dtype or self.v_cache_dtype)
+
+    @property
+    def negative_scale(self):
+        """A scale < 0 (ONNX Runtime has no sign check)."""
+        return self.scale < 0
 
     @property
     def group(self):
@@ -160,9 +168,7 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
         max_seqlen_q=_optional_bound("max_seqlen_q", max_seqlen_q),
         max_seqlen_k=_optional_bound("max_seqlen_k", max_seqlen_k),
         total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens),
-        k_cache_dtype=k_quant, v_cache_dtype=v_quant, quantized_cache=bool(k_quant or v_quant),
-        non_causal=not is_causal, negative_scale=scale < 0,
-        **optional)
+        k_cache_dtype=k_quant, v_cache_dtype=v_quant, non_causal=not is_causal, **optional)
 
 
 def check_metadata(problem, cum, past, block_table, slot_mapping=None):

@@ -140,8 +140,8 @@ class AttentionPlan:
                  past_seqlens, block_table, cos_cache=None, sin_cache=None, *, out=None,
                  validate=False, **optional):
         """Run one call; returns (T, N*H) like ``paged_attention``. optional: the optional
-        arrays (head_sink, slot_mapping, q_norm_weight, k_norm_weight), each present exactly
-        when it was in the planned call."""
+        arrays (``_optional.ARRAYS``: head_sink, slot_mapping, q_norm_weight, k_norm_weight,
+        k_scale, v_scale), each present exactly when it was in the planned call."""
         unknown = sorted(set(optional) - set(_optional.ARRAYS))
         if unknown:
             raise TypeError(f"{unknown[0]}: not an argument of a planned call (attributes "
