@@ -18,7 +18,7 @@ from . import backends
 from ._validate import Problem
 from .backends import _flash_kernels, _flash_tiles, _gather, _guard, _mea_kernels, _prologue
 from .errors import ToolchainError
-from .jit.registry import arch_number
+from .jit.registry import arch_number, get_spec
 
 DTYPES = ("float16", "bfloat16")
 _ALIASES = {"float16": "float16", "fp16": "float16", "f16": "float16", "half": "float16",
@@ -71,7 +71,10 @@ def needed_variants(dtypes=None, head_sizes=None, num_heads=None, kv_num_heads=N
                             skipped.setdefault(key, {})[head] = None
                             continue
                         for name in backend_variants(backend, problem, sm):
-                            names.setdefault((name, arch), None)
+                            # the arch-specific target of a variant that has one (sm_90a)
+                            target = get_spec(name).target(sm) if get_spec(name).arch_features \
+                                else arch
+                            names.setdefault((name, target), None)
     out_skipped = []
     for (backend, dtype, arch, reason), skipped_heads in skipped.items():
         what = f"{backend} {dtype}"  # head sizes named only when the reason spares some
@@ -101,8 +104,10 @@ def backend_variants(backend, problem, sm):
         names += [_gather.gather_name(problem.dtype),
                   _mea_kernels.variant_name(problem.dtype, sm, problem.head_size)]
     elif backend == "flash":
-        for q_len in _PROBE_Q_LENS:
-            names.append(_flash_kernels.variant_name(with_q_len(problem, q_len), sm))
+        for q_len in _PROBE_Q_LENS:  # on 9.0 both kernels: sm80 runs the split-KV calls
+            probe = with_q_len(problem, q_len)
+            names.append(_flash_kernels.variant_name(probe, sm))
+            names.append(_flash_kernels.variant_name(probe, sm, sm90=False))
         names.append(_flash_kernels._register_combine(problem.dtype))
     else:
         raise ValueError(f"backend: expected one of {', '.join(GPU_BACKENDS)}, got {backend!r}")

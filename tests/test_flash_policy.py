@@ -97,7 +97,10 @@ def test_flash_variant_names_are_readable_and_unique():
                                 max_blocks=1)
     assert "_m16_n64_w4_k4_" in fk.variant_name(batch_decode, 90)  # T / B = 1 without a hint
     prefill = dataclasses.replace(batch_decode, num_tokens=64 * 100)
-    assert "_m128_" in fk.variant_name(prefill, 90)
+    # prefill on 9.0: the sm90a kernel (and the sm80 kernel's 128-row tile where it cannot run)
+    assert fk.variant_name(prefill, 90) == "flash90_fwd_f16_h128_n128_s2_sm90a"
+    assert "_m128_" in fk.variant_name(prefill, 90, sm90=False)
+    assert "_m128_" in fk.variant_name(prefill, 80)
     assert "_m64_" in fk.variant_name(dataclasses.replace(prefill, max_seqlen_q=8), 90)
     assert fk.variant_name(decode, 90).endswith("_sm80")   # sm90 runs the sm80 code
     assert fk.variant_name(decode, 86).endswith("_sm86")

@@ -8,15 +8,17 @@ namespace flash {
 
 using softmax::RowState;
 
-// One tile. s: scores in (fragment layout, flash/scores.cuh), probabilities
-// 2^(s scale - m) out (scale: scale log2 e on raw scores, 1 on softcapped ones); o: output
-// accumulators (o[mf][d][e]: row as s, channel 8 d + 2 (lane % 4) + (e % 2)) rescaled when m
-// moves; st: the rows' states, m in scaled units (quad-uniform), l this thread's partial sum.
-template <int MF, int NF, int DF>
-__device__ __forceinline__ void online_softmax(float (&s)[MF][NF][4], float (&o)[MF][DF][4],
-                                               RowState (&st)[MF][2], float scale) {
-  float corr[MF][2];
-  bool moved = false;
+// One tile, in two steps so that a kernel may run something between them (the sm90a kernel's
+// P V MMA of the previous tile, which owns o until it completes): softmax_tile turns the scores
+// s (fragment layout, flash/scores.cuh) into probabilities 2^(s scale - m) (scale: scale log2 e
+// on raw scores, 1 on softcapped ones) and moves the rows' states st (m in scaled units,
+// quad-uniform; l this thread's partial sum), leaving in corr the factor each row's output must
+// be multiplied by and in `moved` whether any row's m moved; rescale_output applies it to o
+// (o[mf][d][e]: row as s, channel 8 d + 2 (lane % 4) + (e % 2)), skipped when no row of the warp
+// moved (the lazy rescale of common/softmax_state.cuh).
+template <int MF, int NF>
+__device__ __forceinline__ void softmax_tile(float (&s)[MF][NF][4], RowState (&st)[MF][2],
+                                             float scale, float (&corr)[MF][2], bool& moved) {
 #pragma unroll
   for (int mf = 0; mf < MF; ++mf) {
 #pragma unroll
@@ -41,6 +43,11 @@ __device__ __forceinline__ void online_softmax(float (&s)[MF][NF][4], float (&o)
       st[mf][h].add(corr[mf][h], sum);
     }
   }
+}
+
+template <int MF, int DF>
+__device__ __forceinline__ void rescale_output(float (&o)[MF][DF][4], const float (&corr)[MF][2],
+                                               bool moved) {
   if (__any_sync(0xffffffffu, moved)) {  // warp-uniform: skip the O rescale when no row moved
 #pragma unroll
     for (int mf = 0; mf < MF; ++mf)
@@ -52,6 +59,16 @@ __device__ __forceinline__ void online_softmax(float (&s)[MF][NF][4], float (&o)
           o[mf][d][2 * h + 1] *= corr[mf][h];
         }
   }
+}
+
+// Both steps at once (the sm80 kernel).
+template <int MF, int NF, int DF>
+__device__ __forceinline__ void online_softmax(float (&s)[MF][NF][4], float (&o)[MF][DF][4],
+                                               RowState (&st)[MF][2], float scale) {
+  float corr[MF][2];
+  bool moved = false;
+  softmax_tile(s, st, scale, corr, moved);
+  rescale_output(o, corr, moved);
 }
 
 // Full row sums from the four lanes of a quad (each held a quarter of the columns).

@@ -79,7 +79,9 @@ struct ScoreMasks {
   int pos[MF][2];
   int p_first, p_last, key_off, lane;
 
-  __device__ __forceinline__ ScoreMasks(const CtaTile& t, const WarpRole<Tr>& me)
+  // me: the thread's warp (WarpRole<Tr>, or a role with the same row / key_off / lane)
+  template <class Role>
+  __device__ __forceinline__ ScoreMasks(const CtaTile& t, const Role& me)
       : p_first(t.p_first), p_last(t.p_last), key_off(me.key_off), lane(me.lane) {
 #pragma unroll
     for (int mf = 0; mf < MF; ++mf)

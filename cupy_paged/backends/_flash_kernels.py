@@ -12,7 +12,8 @@ import functools
 import math
 
 from ..jit import KernelSpec, get_function, register
-from ._flash_policy import plan_splits, problem_tile, workspace_shape
+from . import _flash90
+from ._flash_policy import choose, problem_tile, workspace_shape
 from ._flash_tiles import SMEM_LIMIT, all_tiles
 from ._launch import DTYPES, DirectLaunch, pointer, sm_count
 from ._params import entry_point, params_struct
@@ -28,7 +29,10 @@ COMBINE_PARAMS = params_struct("flash/params.cuh", "cupy_paged::flash::CombinePa
 
 
 def fwd_name(dtype, tile):
-    """e.g. flash_fwd_f16_h128_m64_n64_w4_s2_sm80: extern "C" symbol, cache file, test id."""
+    """e.g. flash_fwd_f16_h128_m64_n64_w4_s2_sm80: extern "C" symbol, cache file, test id
+    (an sm90a tile's: ``_flash90.fwd_name``)."""
+    if isinstance(tile, _flash90.Tile90):
+        return _flash90.fwd_name(dtype, tile)
     short = DTYPES[dtype].short
     keys = f"_k{tile.key_warps}" if tile.key_warps > 1 else ""
     swz = "_swz" if tile.swizzle else ""
@@ -42,6 +46,8 @@ def combine_name(dtype):
 
 @functools.cache
 def _register_fwd(dtype, tile):
+    if isinstance(tile, _flash90.Tile90):
+        return _flash90.register_fwd(dtype, tile, FWD_PARAMS)
     name = fwd_name(dtype, tile)
     if tile.smem_bytes > SMEM_LIMIT[tile.arch]:
         raise ValueError(f"{name}: {tile.smem_bytes} bytes of shared memory > the "
@@ -71,16 +77,21 @@ def _check_dtype(dtype):
         raise ValueError(f"the flash kernel runs float16 and bfloat16, got {dtype}")
 
 
-def variant_name(problem, sm, tile=None):
+def variant_name(problem, sm, tile=None, sm90=None):
     """Registers and returns the forward instantiation ``problem`` runs on compute capability
-    ``sm`` (an int such as 80 or 90): ``tile``'s, or the heuristic's (``problem_tile``)."""
+    ``sm`` (an int such as 80 or 90): ``tile``'s, or the heuristic's (``problem_tile``; sm90
+    False: the sm80 kernel's even on 9.0, as when the call splits its keys)."""
     _check_dtype(problem.dtype)
-    return _register_fwd(problem.dtype, problem_tile(problem, sm) if tile is None else tile)
+    if tile is None:
+        tile = problem_tile(problem, sm, sm90)
+    return _register_fwd(problem.dtype, tile)
 
 
 def all_variant_names(arch="sm80"):
-    """Every forward instantiation of tile class ``arch`` and the combine kernels, registered."""
-    names = [_register_fwd(d, t) for d in DTYPES for t in all_tiles(arch)]
+    """Every forward instantiation of tile class ``arch`` ("sm80", "sm86", or "sm90a": the
+    sm90a kernel's) and the combine kernels, registered."""
+    tiles = _flash90.all_tiles() if arch == "sm90a" else all_tiles(arch)
+    names = [_register_fwd(d, t) for d in DTYPES for t in tiles]
     return names + [_register_combine(d) for d in DTYPES]
 
 
@@ -124,9 +135,7 @@ class ForwardStep:
 
     def __init__(self, problem, device, sm, tile=None, num_splits=None, programmatic=False):
         _check_dtype(problem.dtype)
-        tile = problem_tile(problem, sm) if tile is None else tile
-        splits = plan_splits(problem, sm_count(device), sm, tile) if num_splits is None \
-            else int(num_splits)
+        tile, splits = choose(problem, sm, sm_count(device), tile, num_splits)
         if not 1 <= splits <= 65535:
             raise ValueError(f"num_splits must be in [1, 65535], got {num_splits}")
         T, B, N, H, G = (problem.num_tokens, problem.batch, problem.num_heads,

@@ -1,12 +1,18 @@
 """Flash backend policy from host-known shapes: the tile a call runs (``problem_tile``), its
-key splits (``plan_splits``) and whether its kernels launch programmatically
-(``overlap_launches``). Pure Python: nothing here touches the GPU.
+key splits (``plan_splits``), both at once (``choose``), and whether its kernels launch
+programmatically (``overlap_launches``). Pure Python: nothing here touches the GPU.
 """
 from __future__ import annotations
 
 import os
 
+from . import _flash90
 from ._flash_tiles import arch_class, padded_head, smem_per_sm, tile_for
+
+# The sm90a kernel (cupy_paged/backends/_flash90.py) runs prefill-shaped work on compute
+# capability 9.0 unless CUPY_PAGED_SM90=0 (then every call runs the sm80 kernel, e.g. to
+# compare the two in one process).
+SM90_ENABLED = os.environ.get("CUPY_PAGED_SM90", "1") != "0"
 
 _MAX_SPLITS = 64
 _MAX_WORKSPACE_BYTES = 256 << 20
@@ -20,14 +26,44 @@ def _rows_bound(problem):
     return problem.group * max(q, 1)
 
 
-def problem_tile(problem, sm):
-    """The tile ``tile_for`` picks for ``problem`` on compute capability ``sm``."""
-    return tile_for(padded_head(problem.head_size), _rows_bound(problem), arch_class(sm))
+def problem_tile(problem, sm, sm90=None):
+    """The tile for ``problem`` on compute capability ``sm``: on 9.0, for rows per sequence
+    above 64 (prefill chunks; decode and short chunks keep the sm80 decode tiles), the sm90a
+    kernel's (``_flash90.tile_for``); else ``tile_for``'s. sm90: None = ``SM90_ENABLED``."""
+    rows = _rows_bound(problem)
+    if sm == _flash90.SM and rows > 64 and (SM90_ENABLED if sm90 is None else sm90):
+        head = _flash90.padded_head(problem.head_size)
+        if head is not None:
+            return _flash90.tile_for(head)
+    return tile_for(padded_head(problem.head_size), rows, arch_class(sm))
+
+
+def choose(problem, sm, sm_count, tile=None, num_splits=None):
+    """(tile, key splits) of ``problem``: the given ones, else ``problem_tile`` and
+    ``plan_splits``. The sm90a kernel runs one split: where the planner wants more, the sm80
+    tile runs instead (and a forced sm90a tile with num_splits > 1 is a ValueError)."""
+    forced = tile is not None
+    tile = problem_tile(problem, sm) if tile is None else tile
+    if isinstance(tile, _flash90.Tile90) and sm != _flash90.SM:
+        raise ValueError(f"tile {tile}: the sm90a kernel runs on compute capability 9.0 only "
+                         f"(this GPU is {sm // 10}.{sm % 10})")
+    splits = plan_splits(problem, sm_count, sm, tile) if num_splits is None else int(num_splits)
+    if isinstance(tile, _flash90.Tile90) and splits > 1:
+        if forced:
+            raise ValueError(f"tile {tile}: the sm90a kernel runs one key split, got "
+                             f"num_splits={splits}")
+        tile = problem_tile(problem, sm, sm90=False)
+        splits = plan_splits(problem, sm_count, sm, tile) if num_splits is None \
+            else int(num_splits)
+    return tile, splits
 
 
 def ctas_per_sm(tile, sm):
     """Resident CTAs per SM: shared memory (1 KB reserved per CTA) and an estimate of
-    registers (accumulators + scores + ~64), capped by 64 warps per SM."""
+    registers (accumulators + scores + ~64), capped by 64 warps per SM. sm90a tiles: one
+    (their 384 threads take the register file)."""
+    if isinstance(tile, _flash90.Tile90):
+        return 1
     by_smem = smem_per_sm(sm) // (tile.smem_bytes + 1024)
     regs = min(255, 64 + tile.mfrag * (tile.head // 2 + tile.warp_keys // 2))
     by_regs = 65536 // (tile.threads * regs)

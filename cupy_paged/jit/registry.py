@@ -22,7 +22,9 @@ class KernelSpec:
     ``source`` is relative to cuda_src (e.g. ``smoke/axpy.cu``); the compiled program is
     ``#include "<source>"`` followed by ``entry_code``, the generated ``extern "C"`` entries.
     ``defines`` become ``-DNAME=VALUE``; ``min_arch``/``archs`` bound the SMs it is built for
-    (``archs`` empty: any arch >= ``min_arch``); ``cutlass`` puts CUTLASS on the include path.
+    (``archs`` empty: any arch >= ``min_arch``); ``cutlass`` puts CUTLASS on the include path;
+    ``arch_features`` "a" builds the arch-specific target (sm_90a: wgmma, setmaxnreg), which
+    runs on that compute capability only.
     """
 
     name: str
@@ -33,6 +35,7 @@ class KernelSpec:
     min_arch: int = 0
     archs: tuple[int, ...] = ()
     cutlass: bool = False
+    arch_features: str = ""
 
     def __post_init__(self):
         if not _NAME.fullmatch(self.name):
@@ -51,6 +54,11 @@ class KernelSpec:
             listed = ", ".join(f"sm_{a}" for a in self.archs)
             return f"{self.name} is built only for {listed} (asked for {normalize_arch(arch)})"
         return ""
+
+    def target(self, sm: int) -> str:
+        """The NVRTC target this variant builds for a GPU of compute capability ``sm`` (e.g.
+        90 -> "sm_90", or "sm_90a" for an arch-specific variant)."""
+        return f"sm_{int(sm)}{self.arch_features}"
 
 
 def normalize_arch(arch: str | int) -> str:

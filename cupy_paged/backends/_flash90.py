@@ -1,0 +1,100 @@
+"""The sm90a flash kernel's tiles and registration (``cuda_src/hopper/``): a warp-specialised
+forward kernel (one producer warpgroup gathering K/V through the block table, two consumer
+warpgroups on warpgroup MMAs) that runs on compute capability 9.0 exactly (H100, H200), for one
+key split. Pure Python; ``Tile90.smem_bytes`` mirrors ``cuda_src/hopper/traits.cuh``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+from ..jit import KernelSpec, register
+from ._launch import DTYPES
+from ._params import entry_point
+
+# Padded heads of the sm90a kernel: a head of H % 8 == 0 channels runs the next one up.
+HEAD_SIZES = (64, 96, 128, 192, 256)
+SM = 90
+SMEM_LIMIT = 232448  # cuda_src/common/arch.cuh: sm90's opt-in shared memory per block
+PRODUCER_THREADS, CONSUMERS = 128, 2
+
+
+@dataclass(frozen=True)
+class Tile90:
+    """One sm90a instantiation: 128 query rows (two consumer warpgroups of 64) x ``bn`` keys
+    over padded head ``head``, K/V in a ring of ``stages`` tiles."""
+
+    head: int
+    bn: int
+    stages: int
+    arch: str = "sm90a"
+    bm: int = 128
+    key_warps: int = 1
+    swizzle: bool = True
+
+    def __post_init__(self):
+        if self.head not in HEAD_SIZES:
+            raise ValueError(f"Tile90: head must be one of {HEAD_SIZES}, got {self.head}")
+        if self.bn not in (64, 128):
+            raise ValueError(f"Tile90: bn must be 64 or 128, got {self.bn}")
+        if self.stages < 2:
+            raise ValueError(f"Tile90: stages must be >= 2, got {self.stages}")
+        if self.smem_bytes > SMEM_LIMIT:
+            raise ValueError(f"Tile90{(self.head, self.bn, self.stages)}: {self.smem_bytes} "
+                             f"bytes of shared memory > sm90's {SMEM_LIMIT}")
+
+    @property
+    def threads(self):
+        return PRODUCER_THREADS * (1 + CONSUMERS)
+
+    @property
+    def warps(self):
+        return self.threads // 32
+
+    @property
+    def smem_bytes(self):
+        """Mirrors Traits90::SMEM_BYTES: Q, STAGES K and V tiles of 128-byte panels, each
+        stage's 8-byte key offsets, the hole flags (16-byte rounded), 1 + 2 STAGES mbarriers."""
+        panels = -(-self.head // 64)
+        q, kv = self.bm * panels * 128, self.bn * panels * 128
+        holes = 16 * -(-(self.stages * 4) // 16)
+        return q + 2 * self.stages * kv + self.stages * self.bn * 8 + holes \
+            + 8 * (1 + 2 * self.stages)
+
+
+def padded_head(head_size):
+    """The sm90a kernel's padded head for ``head_size``, or None above 256."""
+    return next((h for h in HEAD_SIZES if head_size <= h), None)
+
+
+def tile_for(head):
+    """The tile of padded head ``head``: 128-key tiles up to head 128 (2 stages; 3 for head
+    64, where they fit), 64 above (the P V accumulators of 192 / 256 channels and the S tile
+    must share a consumer thread's 232 registers)."""
+    if head <= 64:
+        return Tile90(head, 128, 3)
+    if head <= 128:
+        return Tile90(head, 128, 2)
+    return Tile90(head, 64, 2)
+
+
+def all_tiles():
+    return [tile_for(h) for h in HEAD_SIZES]
+
+
+def fwd_name(dtype, tile):
+    """e.g. flash90_fwd_f16_h128_n128_s2_sm90a."""
+    return (f"flash90_fwd_{DTYPES[dtype].short}_h{tile.head}_n{tile.bn}_s{tile.stages}_"
+            f"{tile.arch}")
+
+
+@functools.cache
+def register_fwd(dtype, tile, fwd_params):
+    """Registers the instantiation of ``tile`` for ``dtype`` (its FwdParams struct: the
+    sm80 kernel's, ``fwd_params``); returns its name."""
+    name, ctype = fwd_name(dtype, tile), DTYPES[dtype].ctype
+    traits = f"cupy_paged::hopper::Traits90<{ctype}, {tile.head}, {tile.bn}, {tile.stages}>"
+    entry = entry_point(name, fwd_params, f"cupy_paged::hopper::fwd90<{traits}>(p);",
+                        tile.threads, min_blocks=1)
+    register(KernelSpec(name, "hopper/flash90.cu", entry, archs=(SM,), arch_features="a"))
+    return name
