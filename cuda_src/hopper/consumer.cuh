@@ -159,8 +159,8 @@ __device__ __forceinline__ void consume(const flash::FwdParams& p, const flash::
     wgmma::fence_operands(s[0]);
     if (tr.capped) flash::softcap_scores(s, tr);
     masks.apply(s, kt * Tr::BN, p.window, sm.holes()[k_ring.stage] != 0,
-                sm.offsets(k_ring.stage));
-    release(sm.k_empty(k_ring.stage), me.lane);  // K and its offsets are read
+                sm.key_rows(k_ring.stage));
+    release(sm.k_empty(k_ring.stage), me.lane);  // K and its key rows are read
     k_ring.advance();
     moved = false;
     flash::softmax_tile(s, st, softmax_scale, corr, moved);

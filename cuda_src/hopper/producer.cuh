@@ -24,6 +24,47 @@ struct ProducerShape {
   static constexpr int THREADS = Tr::PRODUCER_THREADS;
 };
 
+// One producer thread's part of a K or V tile: chunk c of rows r0 + i * PER_PASS. Their cache
+// rows are read from shared memory once per tile, before any copy, and serve both the K and the
+// V copies; a row's chunk is then one 64-bit multiply-add and one cp.async.
+template <class Tr>
+struct TileRows {
+  static constexpr int PER_PASS = Tr::PRODUCER_THREADS / Tr::CHUNKS;
+  static constexpr int PASSES = (Tr::BN + PER_PASS - 1) / PER_PASS;
+  int c, r0;
+  int row[PASSES];  // the cache row (token slot) of each of the thread's keys, -1: not loadable
+  bool active, chunk_ok;
+
+  __device__ __forceinline__ TileRows(int tid, int head_size)
+      : c(tid % Tr::CHUNKS), r0(tid / Tr::CHUNKS) {
+    active = r0 < PER_PASS;  // CHUNKS does not divide 128: these threads idle
+    chunk_ok = c * 8 < head_size;
+  }
+  __device__ __forceinline__ void read(const int* key_rows) {
+#pragma unroll
+    for (int i = 0; i < PASSES; ++i) {
+      const int r = r0 + i * PER_PASS;
+      row[i] = active && (Tr::BN % PER_PASS == 0 || r < Tr::BN) ? key_rows[r] : -1;
+    }
+  }
+  // The copies into the swizzled tile at dst from the cache at src (this kv head's channel 0;
+  // row_bytes: one cache row, Nkv * H * 2 < 2^32). A row that is not loadable reads nothing
+  // (zero-fill) from the tile's first row address.
+  __device__ __forceinline__ void copy(unsigned dst, const char* src, unsigned row_bytes) const {
+    if (!active) return;
+    src += c * 16;
+#pragma unroll
+    for (int i = 0; i < PASSES; ++i) {
+      const int r = r0 + i * PER_PASS;
+      if (Tr::BN % PER_PASS != 0 && r >= Tr::BN) break;
+      const bool ok = chunk_ok && row[i] >= 0;
+      const unsigned long long at =
+          static_cast<unsigned long long>(static_cast<unsigned>(ok ? row[i] : 0)) * row_bytes;
+      flash::cp_async_16(dst + SwizzledTile<Tr::BN>::chunk(r, c), src + at, ok);
+    }
+  }
+};
+
 // Copies ROWS rows of CHUNKS 16-byte chunks into the swizzled tile at `dst`: chunk c of row r
 // from src(r) + 16 c (bytes), or zeros when valid(r) is false or channel 8 c >= head_size.
 template <class Tr, int ROWS, class Src, class Valid>
@@ -79,31 +120,30 @@ struct Producer {
 
   // Tile kt into stage `stage` of both rings (its n-th use: the consumers freed it n times).
   __device__ __forceinline__ void load_tile(int kt, int stage, int n) const {
-    Offsets rows;
-    rows.look_up(kv, kv_len, kt * Tr::BN, tid);
+    Offsets keys;
+    keys.look_up(kv, kv_len, kt * Tr::BN, tid);
     if (n > 0) mbar_wait(sm.k_empty(stage), (n - 1) & 1);
-    long long* offsets = sm.offsets(stage);
-    rows.store(kv, flash::SideColumn<long long>{reinterpret_cast<unsigned char*>(offsets), 8},
-               tid);
-    // Every producer thread's offsets are visible to the others; whether any key is a hole.
-    const bool mine = tid < Tr::BN && offsets[tid] < 0;
+    int* key_rows = sm.key_rows(stage);
+    bool mine = false;
+    if (tid < Tr::BN) {  // look_up's one key per thread (PER_THREAD = 1: BN <= 128)
+      const int r = kv.mapped(keys.block[0]) ? keys.block[0] * kv.blocks.size + keys.slot[0] : -1;
+      key_rows[tid] = r;
+      mine = r < 0;
+    }
+    // Every producer thread's rows are visible to the others; whether any key is a hole.
     const bool hole = named_sync_or(1, Tr::PRODUCER_THREADS, mine);
-    auto loadable = [=](int r) { return offsets[r] >= 0; };
-    const char* k_src = reinterpret_cast<const char*>(kv.key_cache);
-    copy_rows<Tr, Tr::BN>(sm.k_addr(stage), head_size, tid,
-                          [=](int r) { return k_src + (offsets[r] & 0x7fffffffffffffffLL); },
-                          loadable);
+    TileRows<Tr> rows(tid, head_size);
+    rows.read(key_rows);
+    const unsigned row_bytes = static_cast<unsigned>(kv.token_stride) * sizeof(T);
+    rows.copy(sm.k_addr(stage), reinterpret_cast<const char*>(kv.key_cache), row_bytes);
     flash::cp_async_commit();
     mbar_arrive_on_copies(sm.k_full(stage));
-    if (tid == 0) {  // the offsets (ordered by the named barrier) and the flag, released
+    if (tid == 0) {  // the rows (ordered by the named barrier) and the flag, released
       sm.holes()[stage] = hole;
       mbar_arrive(sm.k_full(stage));
     }
     if (n > 0) mbar_wait(sm.v_empty(stage), (n - 1) & 1);
-    const char* v_src = reinterpret_cast<const char*>(kv.value_cache);
-    copy_rows<Tr, Tr::BN>(sm.v_addr(stage), head_size, tid,
-                          [=](int r) { return v_src + (offsets[r] & 0x7fffffffffffffffLL); },
-                          loadable);
+    rows.copy(sm.v_addr(stage), reinterpret_cast<const char*>(kv.value_cache), row_bytes);
     flash::cp_async_commit();
     mbar_arrive_on_copies(sm.v_full(stage));
   }

@@ -27,8 +27,10 @@ struct Smem90 {
   __device__ __forceinline__ unsigned v_addr(int s) const {
     return base_addr + Tr::V_OFF + s * Tr::KV_BYTES;
   }
-  __device__ __forceinline__ long long* offsets(int s) const {
-    return reinterpret_cast<long long*>(base + Tr::OFFSETS_OFF + s * Tr::OFFSETS_BYTES);
+  // K stage s's key rows: key r's row in the cache (block * block_size + slot: < 2^31, the
+  // policy's condition), or -1 when the key is not loadable (the masks read the sign).
+  __device__ __forceinline__ int* key_rows(int s) const {
+    return reinterpret_cast<int*>(base + Tr::OFFSETS_OFF + s * Tr::OFFSETS_BYTES);
   }
   __device__ __forceinline__ int* holes() const {
     return reinterpret_cast<int*>(base + Tr::HOLES_OFF);

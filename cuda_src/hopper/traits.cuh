@@ -35,10 +35,10 @@ struct Traits90 {
   static constexpr int PANELS = (HEAD + 63) / 64;      // 128-byte panels of a row
   static constexpr int Q_BYTES = BM * PANELS * 128;
   static constexpr int KV_BYTES = BN * PANELS * 128;   // one stage of K (or of V)
-  static constexpr int OFFSETS_BYTES = BN * 8;         // a stage's key offsets (bytes, int64)
+  static constexpr int OFFSETS_BYTES = BN * 4;         // a stage's key rows (int32)
   // Registers per thread after reallocation: producer, consumers (128 p + 256 c <= 64K).
-  static constexpr int PRODUCER_REGS = 40;
-  static constexpr int CONSUMER_REGS = 232;
+  static constexpr int PRODUCER_REGS = 56;
+  static constexpr int CONSUMER_REGS = 224;
   // Shared memory: Q, the K ring, the V ring, the key offsets and hole flags of each K stage,
   // then the mbarriers (q_full; per stage k_full, v_full, k_empty, v_empty).
   static constexpr int K_OFF = Q_BYTES;
