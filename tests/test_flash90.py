@@ -44,6 +44,7 @@ def test_sm90_compile_every_sm90a_variant(flash_cache_dir):
 
     names = [n for n in fk.all_variant_names("sm90a") if n.startswith("flash90_")]
     assert len(names) == 2 * len(f90.HEAD_SIZES)
+    names += [fk._register_fwd("float16", t) for t in f90.all_tiles(pingpong=True)]
     for name in names:
         start = time.perf_counter()
         r = compile_variant(name, get_spec(name).target(90))
@@ -89,6 +90,9 @@ def test_sm90_policy_prefill_only_on_9_0():
     for sm in (80, 86, 89, 100, 120):
         assert not isinstance(policy.problem_tile(prefill, sm), f90.Tile90)
     assert not isinstance(policy.problem_tile(decode, 90), f90.Tile90)
+    # the kernel's cache rows are int32: a cache of 2^31 token slots or more runs sm80
+    huge = dataclasses.replace(prefill, num_blocks=2 ** 27, block_size=16)
+    assert not isinstance(policy.problem_tile(huge, 90), f90.Tile90)
     # head sizes pad up to the kernel's (80 -> 96, 8 -> 64); above 256 nothing runs there
     for h, padded in ((8, 64), (80, 96), (160, 192), (256, 256)):
         p = dataclasses.replace(prefill, head_size=h)
@@ -149,7 +153,8 @@ PREFILL = Case("prefill90", lens=((700, 0), (0, 9), (300, 1100), (129, 3)), N=8,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", f90.all_tiles(), ids=lambda t: fk.fwd_name("float16", t))
+@pytest.mark.parametrize("tile", f90.all_tiles() + f90.all_tiles(pingpong=True),
+                         ids=lambda t: fk.fwd_name("float16", t))
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_sm90_every_tile_prefill(tile, dtype, sm90):
     for H in sorted({tile.head, tile.head - 8}):  # the padded head and one below it

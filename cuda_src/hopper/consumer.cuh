@@ -87,6 +87,19 @@ struct RingSlot {
   }
 };
 
+// The consumer groups' turns at the tensor cores (Traits90::PINGPONG): group g waits on named
+// barrier 4 + g until the other group has issued, issues, then lets the other go. Both groups
+// run the same tiles, so the turns pair up: group 1 opens with one arrival on group 0's
+// barrier and group 0 closes with one wait on it (hopper/consumer.cuh's consume).
+struct Turns {
+  int mine, other;
+  __device__ __forceinline__ explicit Turns(int group) : mine(4 + group), other(5 - group) {}
+  __device__ __forceinline__ void wait() const { named_sync(mine, 256); }
+  __device__ __forceinline__ void pass() const {
+    asm volatile("bar.arrive %0, 256;\n" :: "r"(other) : "memory");
+  }
+};
+
 // Every warp of the group is done reading a stage: one arrival per warp.
 __device__ __forceinline__ void release(unsigned empty_bar, int lane) {
   __syncwarp();
@@ -174,13 +187,18 @@ __device__ __forceinline__ void consume(const flash::FwdParams& p, const flash::
   softmax_step(t.my_lo);
   pack_probabilities<Tr>(pa, s[0]);
   // Tiles lo + 1 ..: S_j with P_{j-1} V_{j-1}; the softmax of S_j while the latter runs.
+  const Turns turns(me.group);
+  const bool turns_on = Tr::PINGPONG && t.my_hi - t.my_lo > 1;
+  if (turns_on && me.group == 1) turns.pass();
   for (int kt = t.my_lo + 1; kt < t.my_hi; ++kt) {
     mbar_wait(sm.k_full(k_ring.stage), k_ring.parity);
     mbar_wait(sm.v_full(v_ring.stage), v_ring.parity);
     proxy_fence();
+    if (Tr::PINGPONG) turns.wait();
     wgmma::fence();
     issue_scores<Tr>(s[0], q_rows, sm.k_addr(k_ring.stage));
     issue_values<Tr>(o[0], pa, sm.v_addr(v_ring.stage));
+    if (Tr::PINGPONG) turns.pass();
     wgmma::wait<1>();  // S_j has landed; P_{j-1} V_{j-1} may still run
     softmax_step(kt);
     wgmma::wait<0>();
@@ -190,6 +208,7 @@ __device__ __forceinline__ void consume(const flash::FwdParams& p, const flash::
     flash::rescale_output(o, corr, moved);
     pack_probabilities<Tr>(pa, s[0]);
   }
+  if (turns_on && me.group == 0) turns.wait();  // group 1's last pass
   // The last tile's P V.
   mbar_wait(sm.v_full(v_ring.stage), v_ring.parity);
   proxy_fence();

@@ -12,9 +12,13 @@ namespace hopper {
 
 constexpr int kSmemSm90 = arch::info(90).smem_per_block;
 
-template <typename T_, int HEAD_, int BN_, int STAGES_>
+// PINGPONG: the two consumer warpgroups take turns issuing their MMAs (hopper/consumer.cuh), so
+// one group's softmax runs under the other's MMAs (FlashAttention-3's inter-warpgroup schedule,
+// Shah et al. 2024, section 3.1).
+template <typename T_, int HEAD_, int BN_, int STAGES_, bool PINGPONG_ = false>
 struct Traits90 {
   using T = T_;
+  static constexpr bool PINGPONG = PINGPONG_;
   static constexpr int HEAD = HEAD_;  // padded head: the S MMA's K, the P V MMA's N
   static constexpr int BN = BN_;      // keys per tile: the S MMA's N
   static constexpr int STAGES = STAGES_;

@@ -22,11 +22,13 @@ PRODUCER_THREADS, CONSUMERS = 128, 2
 @dataclass(frozen=True)
 class Tile90:
     """One sm90a instantiation: 128 query rows (two consumer warpgroups of 64) x ``bn`` keys
-    over padded head ``head``, K/V in a ring of ``stages`` tiles."""
+    over padded head ``head``, K and V in rings of ``stages`` tiles; pingpong: the consumer
+    warpgroups take turns at the tensor cores."""
 
     head: int
     bn: int
     stages: int
+    pingpong: bool = False
     arch: str = "sm90a"
     bm: int = 128
     key_warps: int = 1
@@ -67,24 +69,25 @@ def padded_head(head_size):
     return next((h for h in HEAD_SIZES if head_size <= h), None)
 
 
-def tile_for(head):
+def tile_for(head, pingpong=False):
     """The tile of padded head ``head``: 128-key tiles up to head 128 (2 stages; 3 for head
     64, where they fit), 64 above (the P V accumulators of 192 / 256 channels and the S tile
-    must share a consumer thread's 232 registers)."""
+    must share a consumer thread's 224 registers). pingpong: the consumers' turns."""
     if head <= 64:
-        return Tile90(head, 128, 3)
+        return Tile90(head, 128, 3, pingpong)
     if head <= 128:
-        return Tile90(head, 128, 2)
-    return Tile90(head, 64, 2)
+        return Tile90(head, 128, 2, pingpong)
+    return Tile90(head, 64, 2, pingpong)
 
 
-def all_tiles():
-    return [tile_for(h) for h in HEAD_SIZES]
+def all_tiles(pingpong=False):
+    return [tile_for(h, pingpong) for h in HEAD_SIZES]
 
 
 def fwd_name(dtype, tile):
-    """e.g. flash90_fwd_f16_h128_n128_s2_sm90a."""
-    return (f"flash90_fwd_{DTYPES[dtype].short}_h{tile.head}_n{tile.bn}_s{tile.stages}_"
+    """e.g. flash90_fwd_f16_h128_n128_s2_sm90a (_pp: ping-pong consumers)."""
+    pp = "_pp" if tile.pingpong else ""
+    return (f"flash90_fwd_{DTYPES[dtype].short}_h{tile.head}_n{tile.bn}_s{tile.stages}{pp}_"
             f"{tile.arch}")
 
 
@@ -93,7 +96,8 @@ def register_fwd(dtype, tile, fwd_params):
     """Registers the instantiation of ``tile`` for ``dtype`` (its FwdParams struct: the
     sm80 kernel's, ``fwd_params``); returns its name."""
     name, ctype = fwd_name(dtype, tile), DTYPES[dtype].ctype
-    traits = f"cupy_paged::hopper::Traits90<{ctype}, {tile.head}, {tile.bn}, {tile.stages}>"
+    traits = (f"cupy_paged::hopper::Traits90<{ctype}, {tile.head}, {tile.bn}, {tile.stages}, "
+              f"{'true' if tile.pingpong else 'false'}>")
     entry = entry_point(name, fwd_params, f"cupy_paged::hopper::fwd90<{traits}>(p);",
                         tile.threads, min_blocks=1)
     register(KernelSpec(name, "hopper/flash90.cu", entry, archs=(SM,), arch_features="a"))

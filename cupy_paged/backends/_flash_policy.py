@@ -31,7 +31,8 @@ def problem_tile(problem, sm, sm90=None):
     above 64 (prefill chunks; decode and short chunks keep the sm80 decode tiles), the sm90a
     kernel's (``_flash90.tile_for``); else ``tile_for``'s. sm90: None = ``SM90_ENABLED``."""
     rows = _rows_bound(problem)
-    if sm == _flash90.SM and rows > 64 and (SM90_ENABLED if sm90 is None else sm90):
+    if sm == _flash90.SM and rows > 64 and (SM90_ENABLED if sm90 is None else sm90) \
+            and problem.num_blocks * problem.block_size < 2 ** 31:  # int32 cache rows
         head = _flash90.padded_head(problem.head_size)
         if head is not None:
             return _flash90.tile_for(head)
