@@ -286,3 +286,31 @@ def test_sm90_guard_fault_rows_are_nan(sm90):
     got = cupy.asnumpy(out.astype(cupy.float32))
     assert np.isnan(got[900:2900]).all()
     assert np.isfinite(got[:900]).all() and np.isfinite(got[2900:]).all()
+
+
+def test_sm90_kernel_option_picks_the_family():
+    prefill = make_problem(8 * 2048, 8, 32, 8, 128, 16, 8 * 128, 128)
+    tile, splits = policy.choose(prefill, 90, 132, kernel="sm80")
+    assert not isinstance(tile, f90.Tile90) and tile.bm == 128
+    tile, _ = policy.choose(prefill, 90, 132, kernel="sm90a")
+    assert tile == f90.tile_for(128)
+    tile, _ = policy.choose(dataclasses.replace(prefill, head_size=80), 90, 132,
+                            kernel="sm90a")
+    assert tile.head == 96
+    decode = make_problem(64, 64, 32, 8, 128, 16, 64 * 256, 256)
+    assert isinstance(policy.choose(decode, 90, 132, kernel="sm90a", num_splits=1)[0],
+                      f90.Tile90)
+    with pytest.raises(ValueError, match="compute capability 9.0"):
+        policy.choose(prefill, 80, 108, kernel="sm90a")
+    with pytest.raises(ValueError, match="expected one of sm80, sm90a"):
+        policy.choose(prefill, 90, 132, kernel="hopper")
+    with pytest.raises(ValueError, match="different kernel families"):
+        policy.choose(prefill, 90, 132, tile=f90.tile_for(128), kernel="sm80")
+
+
+def test_sm90_kernel_option_is_flash_only():
+    from cupy_paged.backends.plan import PlanOptions
+
+    with pytest.raises(ValueError, match="options.kernel: the mea backend does not take it"):
+        PlanOptions(kernel="sm80").check("mea", ("arch_tag",))
+    PlanOptions(kernel="sm80").check("flash", ("tile", "num_splits", "programmatic", "kernel"))

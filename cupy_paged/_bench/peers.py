@@ -144,15 +144,21 @@ def check(impl, outputs, ref):
 
 
 # --- ours ----------------------------------------------------------------------------------
-def build_ours(backend, case, meta, sets, options=None, sink=False):
+def build_ours(backend, case, meta, sets, options=None, sink=False, kernel=None):
     """cupy_paged.paged_attention(..., backend=backend) on CuPy views of the torch tensors.
 
     Timed as the user calls it: validation of shapes on the host, the prologue (new K/V
     written into the caches; no rotary here) and the attention. out= is preallocated.
     options: a ``cupy_paged.PlanOptions`` (tile, split count, launch mode), or None.
     sink: pass a head_sink (N logits drawn once, seed 0) and check against a sink reference;
-    the row is named "ours:<backend>+sink".
+    the row is named "ours:<backend>+sink". kernel: flash's kernel family ("sm80"), the row
+    "ours:<backend>-<kernel>".
     """
+    if kernel is not None:
+        import dataclasses
+
+        import cupy_paged as cpg
+        options = dataclasses.replace(options or cpg.PlanOptions(), kernel=kernel)
     import cupy
 
     import cupy_paged as cpg
@@ -192,8 +198,9 @@ def build_ours(backend, case, meta, sets, options=None, sink=False):
     if hints:
         notes.append("host bounds passed: " + ", ".join(
             f"{k}={v}" for k, v in hints.items() if k not in ("options", "head_sink")))
+    name = f"ours:{backend}" + (f"-{kernel}" if kernel else "")
     if not sink:
-        return Impl(f"ours:{backend}", "ours", fn, row, notes)
+        return Impl(name, "ours", fn, row, notes)
     notes.append("with a head_sink of N logits (standard normal, seed 0)")
     rounded = sink_logits.to(DTYPES[case.dtype]).float()      # what the kernel reads
     ref = reference_rows(case, meta, sets[0], C.sample_rows(case), sink=rounded)

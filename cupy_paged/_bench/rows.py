@@ -49,7 +49,11 @@ def impl_specs(args, case, meta, sets, peers):
             specs["SDPA"].append((f"sdpa:{be}+gather", "peer",
                                   lambda be=be: peers.build_sdpa(be, case, meta, sets, True)))
     for b in args.backends:
-        if b != "mea-attn":
+        if b == "flash-sm80":
+            specs["ours"].append(("ours:flash-sm80", "ours",
+                                  lambda: peers.build_ours("flash", case, meta, sets,
+                                                           kernel="sm80")))
+        elif b != "mea-attn":
             specs["ours"].append((f"ours:{b}", "ours",
                                   lambda b=b: peers.build_ours(b, case, meta, sets)))
         if args.sinks and b == "flash":   # the backends that take head_sink (info lists them)

@@ -97,7 +97,9 @@ def default_peers():
         except (ImportError, ValueError):
             return False
     return TORCH_PEERS + tuple(p for p, pkg in PAGED_PEERS.items() if found(pkg))
-OUR_BACKENDS = ("flash", "mea", "mea-attn")  # mea-attn: mea's attention kernel alone
+# mea-attn: mea's attention kernel alone; flash-sm80: flash with its sm80 kernel family forced
+# (on 9.0 the policy runs the sm90a kernel for prefill-shaped cases: the two side by side)
+OUR_BACKENDS = ("flash", "flash-sm80", "mea", "mea-attn")
 QUICK_BUDGET_S = 200.0
 H100_FP16_DENSE = 800e12     # fallback when the matrix product is not measured
 

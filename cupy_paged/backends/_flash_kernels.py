@@ -130,12 +130,14 @@ class ForwardStep:
     problem: the call's Problem; device: GPU id; sm: its compute capability; tile: the tile
     to run (None: ``problem_tile``); num_splits: None = ``plan_splits``, 1 = no split-KV, S =
     force S; programmatic: the forward kernel starts behind the kernel launched just before
-    it (the prologue) and the combine behind the forward kernel (sm90+, common/pdl.cuh).
+    it (the prologue) and the combine behind the forward kernel (sm90+, common/pdl.cuh);
+    kernel: None, "sm80" or "sm90a" (``_flash_policy.choose``).
     """
 
-    def __init__(self, problem, device, sm, tile=None, num_splits=None, programmatic=False):
+    def __init__(self, problem, device, sm, tile=None, num_splits=None, programmatic=False,
+                 kernel=None):
         _check_dtype(problem.dtype)
-        tile, splits = choose(problem, sm, sm_count(device), tile, num_splits)
+        tile, splits = choose(problem, sm, sm_count(device), tile, num_splits, kernel)
         if not 1 <= splits <= 65535:
             raise ValueError(f"num_splits must be in [1, 65535], got {num_splits}")
         T, B, N, H, G = (problem.num_tokens, problem.batch, problem.num_heads,

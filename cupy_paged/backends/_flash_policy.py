@@ -39,10 +39,30 @@ def problem_tile(problem, sm, sm90=None):
     return tile_for(padded_head(problem.head_size), rows, arch_class(sm))
 
 
-def choose(problem, sm, sm_count, tile=None, num_splits=None):
+KERNELS = ("sm80", "sm90a")
+
+
+def choose(problem, sm, sm_count, tile=None, num_splits=None, kernel=None):
     """(tile, key splits) of ``problem``: the given ones, else ``problem_tile`` and
-    ``plan_splits``. The sm90a kernel runs one split: where the planner wants more, the sm80
-    tile runs instead (and a forced sm90a tile with num_splits > 1 is a ValueError)."""
+    ``plan_splits``. kernel: None (the policy's), "sm80" or "sm90a": that family's tile. The
+    sm90a kernel runs one split: where the planner wants more, the sm80 tile runs instead
+    (and a forced sm90a tile or kernel with num_splits > 1 is a ValueError)."""
+    if kernel is not None:
+        if kernel not in KERNELS:
+            raise ValueError(f"options.kernel: expected one of {', '.join(KERNELS)} or None, "
+                             f"got {kernel!r}")
+        if tile is not None and isinstance(tile, _flash90.Tile90) != (kernel == "sm90a"):
+            raise ValueError(f"options.kernel={kernel!r} and options.tile={tile} name "
+                             f"different kernel families")
+        if kernel == "sm90a" and tile is None:
+            head = _flash90.padded_head(problem.head_size)
+            if sm != _flash90.SM or head is None:
+                raise ValueError(f"options.kernel='sm90a' runs on compute capability 9.0 "
+                                 f"with head_size <= 256 (this GPU is {sm // 10}.{sm % 10}, "
+                                 f"head_size {problem.head_size})")
+            tile = _flash90.tile_for(head)
+        elif kernel == "sm80" and tile is None:
+            tile = problem_tile(problem, sm, sm90=False)
     forced = tile is not None
     tile = problem_tile(problem, sm) if tile is None else tile
     if isinstance(tile, _flash90.Tile90) and sm != _flash90.SM:

@@ -14,7 +14,7 @@ from ._launch import programmatic_supported
 from .base import Backend, gpu_capabilities
 from .plan import Plan
 
-OPTIONS = ("tile", "num_splits", "programmatic")
+OPTIONS = ("tile", "num_splits", "programmatic", "kernel")
 
 
 def make_plan(problem, device, sm, options, reason):
@@ -29,7 +29,7 @@ def make_plan(problem, device, sm, options, reason):
     guard = _guard.GuardStep(problem, device)
     prologue = _prologue.PrologueStep(problem, device, programmatic=pdl)
     forward = ForwardStep(problem, device, sm, options.tile, options.num_splits,
-                          programmatic=pdl)
+                          programmatic=pdl, kernel=options.kernel)
     return Plan("flash", reason, problem, device, options, (guard, prologue, forward),
                 (guard.facts, prologue.facts) + forward.facts,
                 {"tile": forward.tile, "num_splits": forward.splits, "programmatic": pdl},

@@ -29,16 +29,20 @@ class PlanOptions:
       not "0".
     arch_tag: mea only, the CUTLASS arch tag (50, 70, 75 or 80) whose kernel runs, e.g. the
       Sm75 kernel on a newer GPU.
+    kernel: flash only, the kernel family: "sm80" (mma.sync, sm80 and newer) or "sm90a"
+      (warpgroup MMA, compute capability 9.0 only, one key split). None: the policy's choice
+      (sm90a for prefill-shaped calls on 9.0).
     """
 
     tile: object = None
     num_splits: int | None = None
     programmatic: bool | None = None
     arch_tag: int | None = None
+    kernel: str | None = None
 
     def check(self, backend, allowed):
         """ValueError naming the first option set that ``backend`` does not take."""
-        for name in ("tile", "num_splits", "programmatic", "arch_tag"):
+        for name in ("tile", "num_splits", "programmatic", "arch_tag", "kernel"):
             if getattr(self, name) is not None and name not in allowed:
                 raise ValueError(f"options.{name}: the {backend} backend does not take it "
                                  f"(it takes {', '.join(allowed) or 'no options'})")
