@@ -70,20 +70,23 @@ _ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8}
 
 def buffer_sizes(problem):
     """Bytes of each argument of a call of ``problem`` (0 for an absent one): known from the
-    signature, so a GPU plan computes them once."""
+    signature, so a GPU plan computes them once. The latent layout has no value and no
+    value_cache, and its output is (T, N*Hv)."""
     e, i32 = _ITEMSIZE[problem.dtype], 4
     T, N, Nkv, H = problem.num_tokens, problem.num_heads, problem.kv_num_heads, problem.head_size
+    no_value = problem.packed or problem.latent
     width = (N + 2 * Nkv) * H if problem.packed else N * H
     slots = problem.num_blocks * problem.block_size * Nkv * H
     k_item = 1 if problem.k_cache_dtype else e        # one-byte caches (cupy_paged/_quant.py)
     v_item = 1 if problem.v_cache_dtype else e
     rotary = problem.cos_rows * (problem.rotary_dim // 2) * e
     return {"query": T * width * e, "key": 0 if problem.packed else T * Nkv * H * e,
-            "value": 0 if problem.packed else T * Nkv * H * e, "key_cache": slots * k_item,
-            "value_cache": slots * v_item, "cumulative_sequence_length": (problem.batch + 1) * i32,
+            "value": 0 if no_value else T * Nkv * H * e, "key_cache": slots * k_item,
+            "value_cache": 0 if problem.latent else slots * v_item,
+            "cumulative_sequence_length": (problem.batch + 1) * i32,
             "past_seqlens": problem.batch * i32,
             "block_table": problem.batch * problem.max_blocks * i32, "cos_cache": rotary,
-            "sin_cache": rotary, "out": T * N * H * e,
+            "sin_cache": rotary, "out": T * N * problem.value_head_size * e,
             "head_sink": N * e if problem.head_sink else 0,
             "slot_mapping": T * i32 if problem.slot_mapping else 0,
             "q_norm_weight": H * e if problem.qk_norm else 0,

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import _checks, _optional, _quant
+from . import _checks, _layout, _optional, _quant
 from ._checks import FLOAT_DTYPES
 
 
@@ -52,6 +52,18 @@ class Problem:
     k_cache_dtype: str = ""             # "int8" / "float8_e4m3fn" with k_scale; "": dtype
     v_cache_dtype: str = ""             # the same for value_cache with v_scale
     non_causal: bool = False            # is_causal=False: new tokens see each other both ways
+    kv_cache_layout: str = "standard"   # "latent": one latent head cached, V its leading channels
+    v_head_size: int = 0                # latent: Hv, V's channels per head; 0: head_size
+
+    @property
+    def latent(self):
+        """The latent (MLA) layout: no value cache, V = key_cache[..., :v_head_size]."""
+        return self.kv_cache_layout == "latent"
+
+    @property
+    def value_head_size(self):
+        """Hv: the channels of V per head, and of the output per query head."""
+        return self.v_head_size or self.head_size
 
     @property
     def quantized_cache(self):
@@ -81,8 +93,10 @@ def check_arguments(a, **attributes):
 
     a: mapping of argument name -> NumPy/CuPy array or None (query, key, value, key_cache,
     value_cache, cumulative_sequence_length, past_seqlens, block_table, cos_cache, sin_cache,
-    out). attributes: num_heads, kv_num_heads, scale, softcap, local_window_size, do_rotary,
-    rotary_interleaved and the optional max_seqlen_q, max_seqlen_k, total_kv_tokens.
+    out and the optional arrays). attributes: num_heads, kv_num_heads, scale, softcap,
+    local_window_size, do_rotary, rotary_interleaved and the optional max_seqlen_q,
+    max_seqlen_k, total_kv_tokens, is_causal, kv_cache_layout, v_head_size and
+    ``_optional.ATTRIBUTES``.
     A signature that passed before returns its cached ``Problem``.
     """
     try:
@@ -103,9 +117,13 @@ def check_arguments(a, **attributes):
 
 def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window_size,
                      do_rotary, rotary_interleaved, max_seqlen_q=None, max_seqlen_k=None,
-                     total_kv_tokens=None, is_causal=True, **optional):
+                     total_kv_tokens=None, is_causal=True, kv_cache_layout="standard",
+                     v_head_size=None, **optional):
+    latent = _layout.layout_name(kv_cache_layout) == "latent"
     num_heads = _positive_int("num_heads", num_heads)
     kv_num_heads = _positive_int("kv_num_heads", kv_num_heads)
+    if latent:
+        _layout.check_latent(a, kv_num_heads)
     if num_heads % kv_num_heads:
         raise ValueError(f"num_heads: must be a multiple of kv_num_heads ({kv_num_heads}), "
                          f"got {num_heads}")
@@ -127,6 +145,7 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
 
     key_cache, value_cache = a["key_cache"], a["value_cache"]
     dtype = _float_dtype("query", a["query"])
+    _given("key_cache", key_cache)
     _rank("key_cache", key_cache, 4, "(num_blocks, block_size, kv_num_heads, head_size)")
     num_blocks, block_size, cache_heads, head_size = (int(d) for d in key_cache.shape)
     if cache_heads != kv_num_heads:
@@ -134,18 +153,23 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
                          f"got shape {tuple(key_cache.shape)}")
     k_quant = _quant.cache_dtype("key_cache", key_cache, a.get("k_scale"), dtype,
                                  kv_num_heads, head_size)
-    if tuple(value_cache.shape) != tuple(key_cache.shape):
-        raise ValueError(f"value_cache: expected the shape of key_cache "
-                         f"{tuple(key_cache.shape)}, got {tuple(value_cache.shape)}")
-    v_quant = _quant.cache_dtype("value_cache", value_cache, a.get("v_scale"), dtype,
-                                 kv_num_heads, head_size)
+    v_quant = ""
+    if not latent:                # latent: value_cache is None (checked above)
+        _given("value_cache", value_cache)
+        if tuple(value_cache.shape) != tuple(key_cache.shape):
+            raise ValueError(f"value_cache: expected the shape of key_cache "
+                             f"{tuple(key_cache.shape)}, got {tuple(value_cache.shape)}")
+        v_quant = _quant.cache_dtype("value_cache", value_cache, a.get("v_scale"), dtype,
+                                     kv_num_heads, head_size)
     if head_size % 8 or head_size == 0:
         raise ValueError(f"key_cache: head_size (shape[3]) must be a positive multiple of 8, "
                          f"got {head_size}")
+    v_head = _layout.v_head_size(v_head_size, head_size, latent)
+    _layout.check_scale(scale, v_head, head_size)
     if block_size < 1:
         raise ValueError(f"key_cache: block_size (shape[1]) must be >= 1, got {block_size}")
 
-    num_tokens, packed = _check_qkv(a, dtype, num_heads, kv_num_heads, head_size)
+    num_tokens, packed = _check_qkv(a, dtype, num_heads, kv_num_heads, head_size, latent)
     batch = _check_metadata_shapes(a)
     rotary_dim, cos_rows = _check_rotary(a, dtype, head_size, do_rotary)
     optional = _optional.check(a, dtype=dtype, num_tokens=num_tokens, num_heads=num_heads,
@@ -154,9 +178,11 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
     out = a.get("out")
     if out is not None:
         _dtype_is("out", out, dtype)
-        if tuple(out.shape) != (num_tokens, num_heads * head_size):
-            raise ValueError(f"out: expected shape {(num_tokens, num_heads * head_size)}, "
-                             f"got {tuple(out.shape)}")
+        width = num_heads * (v_head or head_size)
+        if tuple(out.shape) != (num_tokens, width):
+            per_head = "v_head_size" if v_head else "head_size"
+            raise ValueError(f"out: expected shape {(num_tokens, width)} = (T, num_heads * "
+                             f"{per_head}), got {tuple(out.shape)}")
 
     return Problem(
         num_tokens=num_tokens, batch=batch, num_heads=num_heads, kv_num_heads=kv_num_heads,
@@ -168,7 +194,8 @@ def _check_arguments(a, *, num_heads, kv_num_heads, scale, softcap, local_window
         max_seqlen_q=_optional_bound("max_seqlen_q", max_seqlen_q),
         max_seqlen_k=_optional_bound("max_seqlen_k", max_seqlen_k),
         total_kv_tokens=_optional_bound("total_kv_tokens", total_kv_tokens),
-        k_cache_dtype=k_quant, v_cache_dtype=v_quant, non_causal=not is_causal, **optional)
+        k_cache_dtype=k_quant, v_cache_dtype=v_quant, non_causal=not is_causal,
+        kv_cache_layout="latent" if latent else "standard", v_head_size=v_head, **optional)
 
 
 def check_metadata(problem, cum, past, block_table, slot_mapping=None):
@@ -230,12 +257,13 @@ def _check_hints(problem, q_lens, kv_lens):
                              f"{hint} given")
 
 
-def _check_qkv(a, dtype, num_heads, kv_num_heads, head_size):
-    """Returns (T, packed) after checking query, key and value against the cache."""
+def _check_qkv(a, dtype, num_heads, kv_num_heads, head_size, latent=False):
+    """Returns (T, packed) after checking query, key and value against the cache (latent:
+    value is None, ``_layout.check_latent`` made sure)."""
     query, key, value = a["query"], a["key"], a["value"]
     _rank("query", query, 2, "(T, num_heads * head_size)")
     num_tokens, width = (int(d) for d in query.shape)
-    if (key is None) != (value is None):
+    if (key is None) != (value is None) and not latent:
         given, missing = ("key", "value") if value is None else ("value", "key")
         raise ValueError(f"{missing}: is None but {given} is given; pass both, or neither "
                          "with a packed query")
@@ -253,6 +281,8 @@ def _check_qkv(a, dtype, num_heads, kv_num_heads, head_size):
         raise ValueError(f"query: expected shape {(num_tokens, num_heads * head_size)} = "
                          f"(T, num_heads * head_size), got {tuple(query.shape)}")
     for name, array in (("key", key), ("value", value)):
+        if array is None:         # the latent layout's value (checked by _layout)
+            continue
         _rank(name, array, 2, "(T, kv_num_heads * head_size)")
         _dtype_is(name, array, dtype)
         if tuple(array.shape) != (num_tokens, kv_num_heads * head_size):
@@ -306,6 +336,14 @@ def _check_rotary(a, dtype, head_size, do_rotary):
         raise ValueError(f"cos_cache: rotary_dim = 2 * shape[1] must lie in [2, head_size = "
                          f"{head_size}], got shape {tuple(cos.shape)}")
     return 2 * half, rows
+
+
+def _given(name, array):
+    if array is None:
+        raise TypeError(f"{name}: expected an array (num_blocks, block_size, kv_num_heads, "
+                        "head_size), got None" + (" (value_cache may be None only with "
+                                                  "kv_cache_layout='latent')"
+                                                  if name == "value_cache" else ""))
 
 
 # the shared checks under the names this module's code uses

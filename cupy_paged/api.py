@@ -22,6 +22,7 @@ def paged_attention(
     max_seqlen_q=None, max_seqlen_k=None, total_kv_tokens=None, options=None,
     head_sink=None, slot_mapping=None, q_norm_weight=None, k_norm_weight=None,
     qk_norm_epsilon=1e-6, rotary_offset=0, k_scale=None, v_scale=None, is_causal=True,
+    kv_cache_layout="standard", v_head_size=None,
 ):
     """Attention of new tokens over a paged KV cache (ONNX Runtime ``PagedAttention`` semantics).
 
@@ -49,21 +50,26 @@ def paged_attention(
     is_causal=False: the new tokens of a sequence see each other both ways, every key
     0 .. past + q_len - 1 (no window; reference). A negative scale is taken as given, like
     ONNX Runtime (reference).
+    kv_cache_layout="latent" (multi-head latent attention, reference): kv_num_heads = 1, key
+    (T, H), key_cache (num_blocks, block_size, 1, H), value = value_cache = None (no packed
+    query, no v_scale); V is the leading v_head_size channels of the cached (normed, rotated)
+    key. v_head_size: None = H, else a multiple of 8 <= H (standard layout: None or H);
+    v_head_size != H needs an explicit scale. The output is then (T, N*v_head_size).
     backend: "auto" | "flash" | "mea" | "reference". validate: also run the data-dependent
     checks on GPU input on the host before the launch, and after it wait for the GPU and raise
     the metadata guard's error (``check_errors``); NumPy input is always checked. Without it,
     a GPU call never syncs: the guard on the device stops every sequence whose metadata would
     reach outside an array (its output rows become NaN, it writes nothing to the caches) and
     ``cupy_paged.check_errors()`` reports it later.
-    out: optional preallocated (T, N*H) output.
+    out: optional preallocated (T, N*H) output ((T, N*v_head_size) in the latent layout).
     max_seqlen_q, max_seqlen_k, total_kv_tokens: optional host-side upper bounds on the largest
     q_len, the largest past + q_len and the sum of past + q_len. GPU backends size their grids
     and scratch from them without a device->host sync; without them a backend that needs
     such a size syncs once (the flash backend never needs to). Checked when validating.
     options: a ``cupy_paged.PlanOptions`` overriding the backend's heuristics (tile, split
     count, programmatic launches, mea's arch tag).
-    Returns (T, N*H) in query's dtype, as the same kind of array as the input.
-    The exact contract: ``docs/semantics.md``.
+    Returns (T, N*H) (latent: (T, N*v_head_size)) in query's dtype, as the same kind of
+    array as the input. The exact contract: ``docs/semantics.md``.
     """
     requested = backends.check_backend_name(backend)
     adopted = _adopt(query, key, value, key_cache, value_cache, cumulative_sequence_length,
@@ -76,7 +82,8 @@ def paged_attention(
         softcap=softcap, local_window_size=local_window_size, do_rotary=do_rotary,
         rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
         max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens,
-        qk_norm_epsilon=qk_norm_epsilon, rotary_offset=rotary_offset, is_causal=is_causal)
+        qk_norm_epsilon=qk_norm_epsilon, rotary_offset=rotary_offset, is_causal=is_causal,
+        kv_cache_layout=kv_cache_layout, v_head_size=v_head_size)
     plan_ = backends.plan_for(requested, problem, adopted.kind, adopted.device, adopted.sm,
                               DEFAULT_OPTIONS if options is None else options)
     return _run(plan_, adopted, out, validate)
@@ -110,13 +117,14 @@ def plan(query, key, value, key_cache, value_cache, cumulative_sequence_length, 
 def _attributes(*, num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
                 do_rotary=False, rotary_interleaved=False, max_seqlen_q=None,
                 max_seqlen_k=None, total_kv_tokens=None, qk_norm_epsilon=1e-6,
-                rotary_offset=0, is_causal=True):
+                rotary_offset=0, is_causal=True, kv_cache_layout="standard",
+                v_head_size=None):
     return dict(num_heads=num_heads, kv_num_heads=kv_num_heads, scale=scale, softcap=softcap,
                 local_window_size=local_window_size, do_rotary=do_rotary,
                 rotary_interleaved=rotary_interleaved, max_seqlen_q=max_seqlen_q,
                 max_seqlen_k=max_seqlen_k, total_kv_tokens=total_kv_tokens,
                 qk_norm_epsilon=qk_norm_epsilon, rotary_offset=rotary_offset,
-                is_causal=is_causal)
+                is_causal=is_causal, kv_cache_layout=kv_cache_layout, v_head_size=v_head_size)
 
 
 class AttentionPlan:
@@ -139,9 +147,10 @@ class AttentionPlan:
     def __call__(self, query, key, value, key_cache, value_cache, cumulative_sequence_length,
                  past_seqlens, block_table, cos_cache=None, sin_cache=None, *, out=None,
                  validate=False, **optional):
-        """Run one call; returns (T, N*H) like ``paged_attention``. optional: the optional
-        arrays (``_optional.ARRAYS``: head_sink, slot_mapping, q_norm_weight, k_norm_weight,
-        k_scale, v_scale), each present exactly when it was in the planned call."""
+        """Run one call; returns (T, N*H) (latent: (T, N*v_head_size)) like
+        ``paged_attention``. optional: the optional arrays (``_optional.ARRAYS``: head_sink,
+        slot_mapping, q_norm_weight, k_norm_weight, k_scale, v_scale), each present exactly
+        when it was in the planned call."""
         unknown = sorted(set(optional) - set(_optional.ARRAYS))
         if unknown:
             raise TypeError(f"{unknown[0]}: not an argument of a planned call (attributes "
@@ -193,7 +202,7 @@ def _run(plan_, adopted, out, validate):
         result = adopted.arrays["out"]
         if result is None:
             result = adopted.xp.empty(
-                (problem.num_tokens, problem.num_heads * problem.head_size),
+                (problem.num_tokens, problem.num_heads * problem.value_head_size),
                 dtype=adopted.arrays["query"].dtype)
         if problem.num_tokens:             # T = 0: nothing to write, caches untouched
             plan_.run(adopted.arrays, result)

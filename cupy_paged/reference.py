@@ -26,7 +26,8 @@ def paged_attention_reference(
     num_heads, kv_num_heads, scale=0.0, softcap=0.0, local_window_size=-1,
     do_rotary=False, rotary_interleaved=False, compute_dtype=np.float32, head_sink=None,
     slot_mapping=None, q_norm_weight=None, k_norm_weight=None, qk_norm_epsilon=1e-6,
-    rotary_offset=0, k_scale=None, v_scale=None, is_causal=True,
+    rotary_offset=0, k_scale=None, v_scale=None, is_causal=True, kv_cache_layout="standard",
+    v_head_size=None,
 ):
     """Paged attention on NumPy arrays, following ``docs/semantics.md``.
 
@@ -45,6 +46,9 @@ def paged_attention_reference(
     read (cupy_paged/_quant.py has the rule). is_causal=False: every new token of a sequence
     sees all of its keys 0 .. past + q_len - 1 (no window). scale: 0 means 1/sqrt(H); any
     other finite value (negative too) multiplies the logits.
+    kv_cache_layout="latent": Nkv = 1, value = value_cache = v_scale = None; V is the leading
+    v_head_size (None: H) channels of the cached key, read back (dequantised with k_scale)
+    from key_cache, and the output is (T, N*v_head_size).
     Returns (T, N*H) in query's dtype. Input must already be valid (no checks here).
     Arithmetic follows IEEE like the GPU kernels (an overflow gives inf, whatever
     ``numpy.seterr`` says); an exception after the cache write (MemoryError,
@@ -58,6 +62,8 @@ def paged_attention_reference(
     past = np.asarray(past_seqlens, dtype=np.int64)
     table = np.asarray(block_table, dtype=np.int64)
     softmax_scale = scale if scale != 0 else 1.0 / math.sqrt(head_size)
+    latent = kv_cache_layout == "latent"
+    v_head = (v_head_size or head_size) if latent else head_size
 
     with np.errstate(all="ignore"):     # IEEE results, like the kernels
         q, k, v = _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd)
@@ -80,20 +86,22 @@ def paged_attention_reference(
             offsets = np.where(flat >= 0, flat % block_size, 0)
         mapped = blocks >= 0                                  # block -1: the token is not written
         slots = blocks[mapped], offsets[mapped]
-        k_new = _to_cache(k[mapped], key_cache, k_scale)
-        v_new = _to_cache(v[mapped], value_cache, v_scale)
-        saved = key_cache[slots], value_cache[slots]          # copies (fancy indexing)
+        written = [(key_cache, _to_cache(k[mapped], key_cache, k_scale))]
+        if not latent:                                        # latent: V lives in key_cache
+            written.append((value_cache, _to_cache(v[mapped], value_cache, v_scale)))
+        saved = [cache[slots] for cache, _ in written]        # copies (fancy indexing)
         try:
-            key_cache[slots] = k_new
-            value_cache[slots] = v_new
+            for cache, new in written:
+                cache[slots] = new
             out = _attend_sequences(q, key_cache, value_cache, cum, past, table, pos,
                                     softmax_scale, softcap, local_window_size,
                                     num_heads // kv_num_heads, cd, sink, (k_scale, v_scale),
-                                    is_causal)
-            return out.reshape(num_tokens, num_heads * head_size).astype(query.dtype)
+                                    is_causal, v_head if latent else None)
+            return out.reshape(num_tokens, num_heads * v_head).astype(query.dtype)
         except BaseException:
             # A slot two tokens write was saved once, before either write.
-            key_cache[slots], value_cache[slots] = saved
+            for (cache, _), old in zip(written, saved):
+                cache[slots] = old
             raise
 
 
@@ -140,7 +148,8 @@ def rms_norm(x, weight, epsilon):
 
 
 def _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd):
-    """Q (T, N, H) and K, V (T, Nkv, H) in the compute dtype, unpacking a packed query."""
+    """Q (T, N, H) and K, V (T, Nkv, H) in the compute dtype, unpacking a packed query
+    (the latent layout's V: None)."""
     num_tokens = query.shape[0]
     x = np.asarray(query).astype(cd).reshape(num_tokens, query.shape[1] // head_size, head_size)
     if key is None:
@@ -150,20 +159,25 @@ def _split_qkv(query, key, value, num_heads, kv_num_heads, head_size, cd):
     else:
         q = x
         k = np.asarray(key).astype(cd).reshape(num_tokens, kv_num_heads, head_size)
-        v = np.asarray(value).astype(cd).reshape(num_tokens, kv_num_heads, head_size)
+        v = (None if value is None else
+             np.asarray(value).astype(cd).reshape(num_tokens, kv_num_heads, head_size))
     return q, k, v
 
 
 def _attend_sequences(q, key_cache, value_cache, cum, past, table, pos, scale, softcap, window,
-                      group, cd, sink=None, scales=(None, None), is_causal=True):
-    """Each sequence's new queries q (T, N, H) over its keys in the caches; returns (T, N, H)."""
-    out = np.zeros(q.shape, dtype=cd)
+                      group, cd, sink=None, scales=(None, None), is_causal=True,
+                      latent_v=None):
+    """Each sequence's new queries q (T, N, H) over its keys in the caches; returns (T, N, Hv)
+    (latent_v: Hv of the latent layout, V = the keys' leading Hv channels; None: value_cache)."""
+    hv = q.shape[2] if latent_v is None else latent_v
+    out = np.zeros(q.shape[:2] + (hv,), dtype=cd)
     for b in range(len(past)):
         start, stop = int(cum[b]), int(cum[b + 1])
         if stop == start:
             continue
         keys, values, mapped = _gather_sequence(key_cache, value_cache, table[b],
-                                                int(past[b]) + stop - start, cd, scales)
+                                                int(past[b]) + stop - start, cd, scales,
+                                                latent_v)
         for lo in range(start, stop, _QUERY_CHUNK):
             hi = min(lo + _QUERY_CHUNK, stop)
             out[lo:hi] = _attend(q[lo:hi], keys, values, mapped, pos[lo:hi], scale, softcap,
@@ -184,29 +198,34 @@ def _from_cache(x, scale, cd):
     return x.astype(cd) if scale is None else _quant.dequantize(x, np.asarray(scale), cd)
 
 
-def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd, scales=(None, None)):
+def _gather_sequence(key_cache, value_cache, table_row, kv_len, cd, scales=(None, None),
+                     latent_v=None):
     """Logical K, V (kv_len, Nkv, H) of one sequence and a (kv_len,) mask of mapped positions
-    (scales: the caches' (k_scale, v_scale), None for caches in the activations' dtype)."""
+    (scales: the caches' (k_scale, v_scale), None for caches in the activations' dtype;
+    latent_v: V is K[..., :latent_v], value_cache is None)."""
     block_size = key_cache.shape[1]
     kpos = np.arange(kv_len)
     blocks = table_row[kpos // block_size]
     mapped = blocks >= 0
     if not mapped.any():                      # also covers a cache with no blocks at all
         empty = np.zeros((kv_len,) + key_cache.shape[2:], dtype=cd)
-        return empty, empty, mapped
+        return empty, empty[..., :latent_v], mapped
     safe = np.where(mapped, blocks, 0)
     keys = _from_cache(key_cache[safe, kpos % block_size], scales[0], cd)
-    values = _from_cache(value_cache[safe, kpos % block_size], scales[1], cd)
     # Unmapped positions read block 0 as a stand-in: zero them, or a NaN there (a cache from
     # empty()) would leak into the output through 0 * NaN.
     keys[~mapped] = 0
+    if latent_v is not None:                  # the latent layout: V is the keys' lead
+        return keys, keys[..., :latent_v], mapped
+    values = _from_cache(value_cache[safe, kpos % block_size], scales[1], cd)
     values[~mapped] = 0
     return keys, values, mapped
 
 
 def _attend(q, keys, values, mapped, qpos, scale, softcap, window, group, sink=None,
             is_causal=True):
-    """Softmax attention of q (rows, N, H) over one sequence's keys; returns (rows, N, H).
+    """Softmax attention of q (rows, N, H) over one sequence's keys and values (kv_len, Nkv,
+    Hv); returns (rows, N, Hv).
     sink: None, or (N,) logits that join each row's denominator and add no value."""
     kpos = np.arange(len(keys))
     visible = mapped[None, :] & ((kpos[None, :] <= qpos[:, None]) | (not is_causal))

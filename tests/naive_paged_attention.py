@@ -84,16 +84,20 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                           local_window_size=-1, do_rotary=False, rotary_interleaved=False,
                           head_sink=None, slot_mapping=None, q_norm_weight=None,
                           k_norm_weight=None, qk_norm_epsilon=1e-6, rotary_offset=0,
-                          k_scale=None, v_scale=None, is_causal=True):
+                          k_scale=None, v_scale=None, is_causal=True,
+                          kv_cache_layout="standard", v_head_size=None):
     """Return (out, new_key_cache, new_value_cache); the caches given are not modified.
     head_sink: None, or (N,) sink logits that join each row's denominator (no value).
     slot_mapping: None, or (T,) flat write slots (-1: not stored). q_norm_weight,
     k_norm_weight: RMSNorm weights (H,) of every query / key head, before rotary.
     rotary_offset: the first rotated channel. k_scale, v_scale: scales (1,) or (Nkv, 1, H) of
     an int8 / float8_e4m3fn cache: quantised element by element on write, times the scale on
-    read.
+    read. kv_cache_layout="latent": one kv head, no value / value_cache; V of a key is the
+    first v_head_size (None: H) channels of what the key cache holds for it (read back,
+    dequantised with k_scale).
 
-    out is (T, N*H) in query.dtype; the new caches are copies in the caches' dtype.
+    out is (T, N*H) in query.dtype ((T, N*v_head_size) latent); the new caches are copies in
+    the caches' dtype (latent: the new value cache is None).
     """
     N, Nkv = int(num_heads), int(kv_num_heads)
     G = N // Nkv
@@ -102,14 +106,19 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
     B = len(past_seqlens)
     cum = [int(c) for c in cumulative_sequence_length]
     past = [int(p) for p in past_seqlens]
+    latent = kv_cache_layout == "latent"
+    Hv = (v_head_size or H) if latent else H
     kc = key_cache.copy()
-    vc = value_cache.copy()
+    vc = None if latent else value_cache.copy()
     if scale == 0.0:                                # any other value as given, negative too
         scale = 1.0 / math.sqrt(H)
 
     # 1. split packed QKV: a row is [Q heads | K heads | V heads]
     q_all = numpy.asarray(query, dtype=numpy.float64)
-    if key is None:
+    if latent:                                      # no V of its own: it is read from kc
+        k_all = numpy.asarray(key, dtype=numpy.float64)
+        v_all = numpy.zeros_like(k_all)
+    elif key is None:
         k_all = q_all[:, N * H:(N + Nkv) * H]
         v_all = q_all[:, (N + Nkv) * H:(N + 2 * Nkv) * H]
         q_all = q_all[:, :N * H]
@@ -155,10 +164,11 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                     continue
             for h in range(Nkv):
                 kc[blk, off, h, :] = _store(k_heads[t][h], kc.dtype, k_scale, h)
-                vc[blk, off, h, :] = _store(v_heads[t][h], vc.dtype, v_scale, h)
+                if not latent:
+                    vc[blk, off, h, :] = _store(v_heads[t][h], vc.dtype, v_scale, h)
 
     # 4. attention, reading every key (old and new) from the written caches
-    out = numpy.zeros((T, N * H), dtype=numpy.float64)
+    out = numpy.zeros((T, N * Hv), dtype=numpy.float64)
     for b in range(B):
         for j in range(cum[b + 1] - cum[b]):
             t = cum[b] + j
@@ -184,9 +194,13 @@ def naive_paged_attention(query, key, value, key_cache, value_cache,
                 total = sum(weights)
                 if sink is not None:
                     total += math.exp(sink - m)       # the sink: in the denominator only
-                acc = numpy.zeros(H, dtype=numpy.float64)
+                acc = numpy.zeros(Hv, dtype=numpy.float64)
                 for w, k in zip(weights, keys):
                     blk = int(block_table[b][k // bs])
-                    acc += (w / total) * _load(vc[blk, k % bs, h, :], v_scale, h)
-                out[t, n * H:(n + 1) * H] = acc
+                    if latent:                        # V: the cached key's first Hv channels
+                        v = _load(kc[blk, k % bs, h, :], k_scale, h)[:Hv]
+                    else:
+                        v = _load(vc[blk, k % bs, h, :], v_scale, h)
+                    acc += (w / total) * v
+                out[t, n * Hv:(n + 1) * Hv] = acc
     return out.astype(query.dtype), kc, vc

@@ -1,9 +1,12 @@
 """The cases of the optional inputs beyond opset 1 (head sinks, slot_mapping, QK-norm,
-rotary_offset, one-byte caches), drawn by paged_cases.make_inputs like every other case."""
+rotary_offset, one-byte caches, the latent layout), drawn by paged_cases.make_inputs like
+every other case (the latent ones through make_latent_inputs)."""
+import dataclasses
+
 try:
-    from .paged_cases import Case
+    from .paged_cases import Case, Inputs, make_inputs
 except ImportError:
-    from paged_cases import Case
+    from paged_cases import Case, Inputs, make_inputs
 
 
 def sink_cases():
@@ -69,3 +72,79 @@ def quantized_cases():
              unmapped=(1,), bs=2, N=4, Nkv=2),
     ]
 
+
+# ---------------------------------------------------------------- the latent (MLA) layout
+
+MLA_SCALE = 192 ** -0.5      # DeepSeek-V3's softmax scale: 1/sqrt of its query head size
+
+
+@dataclasses.dataclass(frozen=True)
+class LatentCase:
+    """A latent-layout case: ``base`` (Nkv = 1, H the latent width) drawn by make_inputs, its
+    value, value_cache and v_scale dropped; V is the cached key's first ``v_head_size``
+    channels. dtypes: those the naive comparison runs in (one-byte caches: float64 only, as
+    the naive loop divides by the scale in float64)."""
+
+    name: str
+    base: Case
+    v_head_size: int
+    dtypes: tuple = ("float64", "float32")
+
+
+def latent(name, Hv=512, dtypes=("float64", "float32"), **fields):
+    """A LatentCase of H = 576 (DeepSeek's 512 latent + 64 rope channels) unless told."""
+    fields = dict(dict(H=576, N=8, scale=MLA_SCALE), **fields)
+    return LatentCase(name, Case(name, Nkv=1, **fields), Hv, dtypes)
+
+
+ROPE = dict(rotary="neox", rot_off=512, R=64)   # rope on the last 64 of 576 channels
+F64 = ("float64",)
+
+
+def latent_cases():
+    """The latent layout with H = 576, Hv = 512 (and a few other widths), N = 8 or 16, alone
+    and with everything that composes: rotary on the last 64 channels (rotary_offset=512),
+    window, softcap, head sink, slot_mapping, QK-norm, is_causal=False, a negative scale,
+    int8 / float8_e4m3fn key caches (per tensor and per channel), ragged batches, decode and
+    prefill, holes and rows that see no key."""
+    return [
+        latent("latent-mixed", N=16),
+        latent("latent-decode-rope", mode="decode", B=4, N=16, **ROPE),
+        latent("latent-prefill-rope-gptj", mode="prefill", B=2, **dict(ROPE, rotary="gptj")),
+        latent("latent-ragged-B5", lens=((1, 30), (7, 0), (0, 12), (3, 17), (1, 0)), bs=4,
+               **ROPE),
+        latent("latent-chunk-window-cap", mode="chunk", W=5, softcap=10.0, q_gain=2.0,
+               **ROPE),
+        latent("latent-sink-holes", sink=1.0, mode="chunk", holes=2, bs=4),
+        latent("latent-slots-rope", slots=True, spare=3, **ROPE),
+        latent("latent-qknorm-rope", qk_norm=True, mode="chunk", **ROPE),
+        latent("latent-non-causal", causal=False, mode="chunk", N=16, **ROPE),
+        latent("latent-negative-scale", scale=-MLA_SCALE, softcap=5.0),
+        latent("latent-hv-equals-h", Hv=576, scale=0.0, mode="chunk"),
+        latent("latent-small-H64-Hv32", Hv=32, H=64, N=4, bs=3, rotary="gptj", rot_off=32,
+               R=32, mode="chunk"),
+        latent("latent-empty-rows", lens=((0, 4), (3, 2), (2, 0)), unmapped=(1,), bs=2,
+               sink=1.0),
+        latent("latent-all-together", slots=True, qk_norm=True, sink=1.0, W=4, softcap=5.0,
+               q_gain=2.0, N=16, bs=3, spare=4, holes=1, **ROPE),
+        latent("latent-int8-tensor", quant="int8", vquant="", dtypes=F64),
+        latent("latent-int8-channel-decode", quant="int8", vquant="", per_channel=True,
+               mode="decode", B=4, N=16, dtypes=F64),
+        latent("latent-fp8-tensor-chunk", quant="float8_e4m3fn", vquant="", mode="chunk",
+               dtypes=F64),
+        latent("latent-fp8-channel-rope-window", quant="float8_e4m3fn", vquant="",
+               per_channel=True, W=3, softcap=5.0, mode="chunk", dtypes=F64, **ROPE),
+        latent("latent-int8-slots-sink-non-causal", quant="int8", vquant="", slots=True,
+               sink=1.0, causal=False, mode="prefill", B=2, dtypes=F64),
+    ]
+
+
+def make_latent_inputs(case, rng):
+    """Inputs of a LatentCase: make_inputs of its base, then value = value_cache = None (and
+    no v_scale), with kv_cache_layout="latent" and its v_head_size."""
+    inp = make_inputs(case.base, rng)
+    args = list(inp.args)
+    args[2] = args[4] = None
+    kwargs = dict(inp.kwargs, kv_cache_layout="latent", v_head_size=case.v_head_size)
+    kwargs.pop("v_scale", None)
+    return Inputs(tuple(args), kwargs, inp.q_lens, inp.pasts)

@@ -202,6 +202,8 @@ def test_info_lists_which_backend_takes_each_optional_input(tmp_path):
     data = json.loads(_run(tmp_path, "info", "--json"))
     assert data["features"] == info.features()
     assert data["features"]["head_sink"] == ["flash", "reference"]   # mea refuses it by name
+    assert data["features"]["latent"] == ["reference"]       # the latent (MLA) cache layout
     text = _run(tmp_path, "info")
     assert "optional inputs (backends that take them):" in text
     assert re.search(r"head_sink\s+flash, reference", text)
+    assert re.search(r"latent\s+reference", text)

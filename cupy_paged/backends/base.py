@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 # Optional inputs beyond the opset-1 contract, each a field or property of ``_validate.Problem``
 # (true when the call uses it); a backend lists those it honours in ``Capabilities.features``.
 OPTIONAL_FEATURES = ("head_sink", "slot_mapping", "qk_norm", "rotary_offset", "quantized_cache",
-                     "non_causal", "negative_scale")
+                     "non_causal", "negative_scale", "latent")
 
 
 @dataclass(frozen=True)

@@ -34,14 +34,16 @@ class _ReferenceStep:
             slot_mapping=host.get("slot_mapping"), q_norm_weight=host.get("q_norm_weight"),
             k_norm_weight=host.get("k_norm_weight"), qk_norm_epsilon=problem.qk_norm_epsilon,
             rotary_offset=problem.rotary_offset, k_scale=host.get("k_scale"),
-            v_scale=host.get("v_scale"), is_causal=not problem.non_causal)
+            v_scale=host.get("v_scale"), is_causal=not problem.non_causal,
+            kv_cache_layout=problem.kv_cache_layout, v_head_size=problem.v_head_size or None)
         if isinstance(out, np.ndarray):
             out[...] = result
             return
         import cupy
 
         a["key_cache"].set(host["key_cache"])
-        a["value_cache"].set(host["value_cache"])
+        if a["value_cache"] is not None:            # None in the latent layout
+            a["value_cache"].set(host["value_cache"])
         out[...] = cupy.asarray(result)
 
 
