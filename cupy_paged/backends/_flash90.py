@@ -56,12 +56,13 @@ class Tile90:
     @property
     def smem_bytes(self):
         """Mirrors Traits90::SMEM_BYTES: Q, STAGES K and V tiles of 128-byte panels, each
-        stage's 8-byte key offsets, the hole flags (16-byte rounded), 1 + 2 STAGES mbarriers."""
+        stage's 4-byte key rows, the hole flags (16-byte rounded), 1 + 4 STAGES mbarriers
+        (the generated entry checks the two agree at compile time)."""
         panels = -(-self.head // 64)
         q, kv = self.bm * panels * 128, self.bn * panels * 128
         holes = 16 * -(-(self.stages * 4) // 16)
-        return q + 2 * self.stages * kv + self.stages * self.bn * 8 + holes \
-            + 8 * (1 + 2 * self.stages)
+        return q + 2 * self.stages * kv + self.stages * self.bn * 4 + holes \
+            + 8 * (1 + 4 * self.stages)
 
 
 def padded_head(head_size):
@@ -98,7 +99,11 @@ def register_fwd(dtype, tile, fwd_params):
     name, ctype = fwd_name(dtype, tile), DTYPES[dtype].ctype
     traits = (f"cupy_paged::hopper::Traits90<{ctype}, {tile.head}, {tile.bn}, {tile.stages}, "
               f"{'true' if tile.pingpong else 'false'}>")
-    entry = entry_point(name, fwd_params, f"cupy_paged::hopper::fwd90<{traits}>(p);",
-                        tile.threads, min_blocks=1)
+    # the launch's dynamic shared memory is Tile90.smem_bytes: the build checks it is the
+    # kernel's own count
+    check = (f"static_assert({traits}::SMEM_BYTES == {tile.smem_bytes}, \"Tile90.smem_bytes "
+             f"must mirror Traits90::SMEM_BYTES\");\n")
+    entry = check + entry_point(name, fwd_params, f"cupy_paged::hopper::fwd90<{traits}>(p);",
+                                tile.threads, min_blocks=1)
     register(KernelSpec(name, "hopper/flash90.cu", entry, archs=(SM,), arch_features="a"))
     return name
