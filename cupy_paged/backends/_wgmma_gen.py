@@ -52,33 +52,32 @@ def _outputs(n):
     return ",\n          ".join(frags)
 
 
-def _ss(ctype, tag, n):
-    acc = n // 2
-    asm = (f'"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 2}, 0;\\n"\n'
+# The two forms: (method, its A parameter's C type, the asm's A operands given the first free
+# operand number, how many operands A takes, immediates after the scale-d predicate, A's
+# constraints). SS: A and B descriptors, no transposes; RS: A in four registers, B MN-major
+# (transposed).
+_FORMS = {
+    "ss": ("unsigned long long a_desc", lambda k: f"%{k}", 1, "1, 1, 0, 0", '"l"(a_desc)'),
+    "rs": ("const unsigned (&a)[4]", lambda k: "{" + _regs(k, 4) + "}", 4, "1, 1, 1",
+           '"r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3])'),
+}
+
+
+def _mma(form, tag, n):
+    """The static method ``form`` ("ss" or "rs") of Mma<T, n> for PTX type ``tag``."""
+    a_param, a_asm, a_count, immediates, a_constraints = _FORMS[form]
+    acc = n // 2              # accumulator operands %0 .. %acc-1, then A, b_desc, acc
+    b, flag = acc + a_count, acc + a_count + 1
+    asm = (f'"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{flag}, 0;\\n"\n'
            f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{tag}.{tag} "\n'
            f'        "{{{_regs(0, acc)}}}, "\n'
-           f'        "%{acc}, %{acc + 1}, p, 1, 1, 0, 0;\\n}}\\n"')
-    return (f"  __device__ __forceinline__ static void ss(float (&d)[{n // 8}][4], "
-            f"unsigned long long a_desc,\n"
+           f'        "{a_asm(acc)}, %{b}, p, {immediates};\\n}}\\n"')
+    return (f"  __device__ __forceinline__ static void {form}(float (&d)[{n // 8}][4], "
+            f"{a_param},\n"
             f"                                            unsigned long long b_desc, int acc) {{\n"
             f"    asm volatile(\n        {asm}\n"
             f"        : {_outputs(n)}\n"
-            f'        : "l"(a_desc), "l"(b_desc), "r"(acc));\n  }}\n')
-
-
-def _rs(ctype, tag, n):
-    acc = n // 2
-    asm = (f'"{{\\n.reg .pred p;\\nsetp.ne.b32 p, %{acc + 5}, 0;\\n"\n'
-           f'        "wgmma.mma_async.sync.aligned.m64n{n}k16.f32.{tag}.{tag} "\n'
-           f'        "{{{_regs(0, acc)}}}, "\n'
-           f'        "{{{_regs(acc, 4)}}}, %{acc + 4}, p, 1, 1, 1;\\n}}\\n"')
-    return (f"  __device__ __forceinline__ static void rs(float (&d)[{n // 8}][4], "
-            f"const unsigned (&a)[4],\n"
-            f"                                            unsigned long long b_desc, int acc) {{\n"
-            f"    asm volatile(\n        {asm}\n"
-            f"        : {_outputs(n)}\n"
-            f'        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(acc));\n'
-            f"  }}\n")
+            f'        : {a_constraints}, "l"(b_desc), "r"(acc));\n  }}\n')
 
 
 def render():
@@ -88,9 +87,9 @@ def render():
         for n in sorted(set(SS_SHAPES) | set(RS_SHAPES)):
             body = ""
             if n in SS_SHAPES:
-                body += _ss(ctype, tag, n)
+                body += _mma("ss", tag, n)
             if n in RS_SHAPES:
-                body += _rs(ctype, tag, n)
+                body += _mma("rs", tag, n)
             parts.append(f"template <>\nstruct Mma<{ctype}, {n}> {{\n{body}}};\n\n")
     parts.append("}  // namespace wgmma\n}  // namespace cupy_paged\n")
     return "".join(parts)
