@@ -73,8 +73,10 @@ def render(cache):
     if hidden > 0:
         rows.append(f'<tr><td colspan="4">... and {hidden} more sequences</td></tr>')
 
+    layout = (f"latent layout (key cache only, v_head_size={cache.v_head_size}), "
+              if cache.latent else "")
     head = (f"<b>PagedKVCache</b> {nb} blocks x {bs} tokens, kv_num_heads={cache.kv_num_heads}, "
-            f"head_size={cache.head_size}, {html.escape(str(cache.dtype))}, "
+            f"head_size={cache.head_size}, {layout}{html.escape(str(cache.dtype))}, "
             f"{html.escape(cache.xp.__name__)}")
     counts = (f"blocks: {used} used, {cache.num_free_blocks} free, {shared} shared; "
               f"{len(cache.sequences)} sequences; {stored} tokens stored{filled}")

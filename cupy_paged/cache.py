@@ -1,9 +1,10 @@
 """PagedKVCache: the block allocator and per-step metadata around paged_attention.
 
-The cache owns key_cache / value_cache, each (num_blocks, block_size, Nkv, H), and hands out
-blocks to sequences. Each step, ``begin_step`` allocates the blocks the new tokens need and
-returns the metadata (cumulative_sequence_length, past_seqlens, block_table) the op takes; the
-op then writes the new keys and values into the blocks. Bookkeeping lives on the host; the
+The cache owns key_cache / value_cache, each (num_blocks, block_size, Nkv, H) (the latent
+layout: key_cache alone, (num_blocks, block_size, 1, H)), and hands out blocks to sequences.
+Each step, ``begin_step`` allocates the blocks the new tokens need and returns the metadata
+(cumulative_sequence_length, past_seqlens, block_table) the op takes; the op then writes the
+new keys and values into the blocks. Bookkeeping lives on the host; the
 metadata crosses to the device in one copy per step.
 """
 
@@ -13,9 +14,8 @@ from collections.abc import Mapping
 
 import numpy
 
-from cupy_paged import _cache_html
-from cupy_paged import _quant
-from cupy_paged.rotary import _array_module, _as_int, _float_dtype
+from cupy_paged import _cache_html, _cache_layout, _cache_quant
+from cupy_paged.rotary import _array_module, _as_int
 
 
 class CacheFullError(ValueError):
@@ -52,34 +52,46 @@ class PagedKVCache:
     Args:
         num_blocks: number of physical blocks, >= 1.
         block_size: tokens per block, >= 1 (GPU backends state their own rule).
-        kv_num_heads: Nkv, >= 1.
+        kv_num_heads: Nkv, >= 1 (1 in the latent layout).
         head_size: H, >= 1 (the op requires H % 8 == 0).
         dtype: floating dtype of the caches (float16 for GPU backends, float32 on the
             reference), or a one-byte "int8" / "float8_e4m3fn" cache with ``scale``.
         scale: for a one-byte cache only: a number (per tensor) or a (Nkv, 1, H) array (per
             channel) for both caches, or a (k_scale, v_scale) pair; float32, finite, > 0.
+            A latent cache takes the key cache's scale alone (a number or (1, 1, H)).
         xp: numpy, cupy, "numpy", "cupy" or None (numpy).
         allocation: "sequential" hands out the lowest free block id first; "random" picks a
             uniformly random free block (seeded by ``seed``), which makes block tables
             non-contiguous, as they become in a long-running server.
         seed: seed for allocation="random".
+        layout: "standard" (a key and a value cache) or "latent" (multi-head latent
+            attention, ``kv_cache_layout="latent"`` in docs/semantics.md: one cache of one
+            latent head per token, kv_num_heads = 1, V its leading v_head_size channels).
+        v_head_size: Hv of the latent layout: a positive multiple of 8, at most head_size
+            (None: head_size). The standard layout takes only None or head_size.
 
     Attributes:
-        key_cache, value_cache: (num_blocks, block_size, Nkv, H) of dtype in xp, zero-initialised.
+        key_cache, value_cache: (num_blocks, block_size, Nkv, H) of dtype in xp,
+            zero-initialised; value_cache is None in the latent layout.
         k_scale, v_scale: float32 scales in xp ((1,) or (Nkv, 1, H)) of a one-byte cache, to
-            pass to ``paged_attention``; None otherwise.
+            pass to ``paged_attention``; None otherwise (v_scale always, in the latent layout).
+
+    ``attention_kwargs(step, query, key, value)`` gives a call's arguments:
+    ``cpg.paged_attention(**cache.attention_kwargs(step, q, k, v), num_heads=N)``.
     """
 
     def __init__(self, num_blocks, block_size, kv_num_heads, head_size,
                  dtype=numpy.float16, xp=None, allocation="sequential", seed=None,
-                 scale=None):
+                 scale=None, layout="standard", v_head_size=None):
         self._num_blocks = _as_int(num_blocks, "num_blocks", 1)
         self._block_size = _as_int(block_size, "block_size", 1)
         self._kv_num_heads = _as_int(kv_num_heads, "kv_num_heads", 1)
         self._head_size = _as_int(head_size, "head_size", 1)
+        self._layout, self._v_head_size = _cache_layout.check(
+            layout, self._kv_num_heads, self._head_size, v_head_size)
         self._xp = _array_module(xp)
-        self._dtype, self.k_scale, self.v_scale = _cache_dtype_and_scales(
-            dtype, scale, self._kv_num_heads, self._head_size, self._xp)
+        self._dtype, self.k_scale, self.v_scale = _cache_quant.dtype_and_scales(
+            dtype, scale, self._kv_num_heads, self._head_size, self._xp, self.latent)
         if allocation not in ("sequential", "random"):
             raise ValueError(
                 f'allocation must be "sequential" or "random" (got {allocation!r})'
@@ -89,7 +101,7 @@ class PagedKVCache:
 
         shape = (self._num_blocks, self._block_size, self._kv_num_heads, self._head_size)
         self.key_cache = self._xp.zeros(shape, dtype=self._dtype)
-        self.value_cache = self._xp.zeros(shape, dtype=self._dtype)
+        self.value_cache = None if self.latent else self._xp.zeros(shape, dtype=self._dtype)
 
         # Free blocks: a min-heap for "sequential" (lowest id first, freed blocks reused first
         # when they are the lowest); for "random" any order works since picks are random.
@@ -105,6 +117,10 @@ class PagedKVCache:
     kv_num_heads = property(lambda self: self._kv_num_heads, doc="Nkv.")
     head_size = property(lambda self: self._head_size, doc="H.")
     dtype = property(lambda self: self._dtype, doc="numpy.dtype of the caches.")
+    layout = property(lambda self: self._layout, doc='"standard" or "latent".')
+    latent = property(lambda self: self._layout == "latent", doc='True for layout "latent".')
+    v_head_size = property(lambda self: self._v_head_size,
+                           doc="Hv, the channels of V (head_size in the standard layout).")
     xp = property(lambda self: self._xp, doc="The array module of the caches (numpy or cupy).")
 
     @property
@@ -172,7 +188,8 @@ class PagedKVCache:
         if partial:
             src, dst = parent_blocks[full], self._take()
             self.key_cache[dst] = self.key_cache[src]
-            self.value_cache[dst] = self.value_cache[src]
+            if self.value_cache is not None:
+                self.value_cache[dst] = self.value_cache[src]
             child_blocks.append(dst)
         child = self.add_sequence()
         self._lengths[child] = length
@@ -238,25 +255,66 @@ class PagedKVCache:
         """Sequence ``sid``'s logical keys and values, read through its blocks.
 
         Returns (K, V), each a new (length, Nkv, H) array of the cache's dtype in xp (a one-byte
-        cache's dequantised to float32: x_q * scale). Positions of a step begun but not yet run
-        hold whatever the blocks held before.
+        cache's dequantised to float32: x_q * scale). In the latent layout K is
+        (length, 1, H) and V is (length, 1, v_head_size), a copy of K's leading v_head_size
+        channels (dequantised with k_scale), as the op reads V. Positions of a step begun but
+        not yet run hold whatever the blocks held before.
         """
         sid = self._check_sid(sid)
         ids = self._xp.asarray(numpy.asarray(self._blocks[sid], dtype=numpy.int64))
         length = self._lengths[sid]
         tail = (self._kv_num_heads, self._head_size)
         keys = self.key_cache[ids].reshape((-1,) + tail)[:length]
-        values = self.value_cache[ids].reshape((-1,) + tail)[:length]
         if self.k_scale is not None:
-            keys, values = _dequantize(keys, self.k_scale), _dequantize(values, self.v_scale)
+            keys = _cache_quant.dequantize(keys, self.k_scale)
+        if self.latent:
+            return keys, keys[..., :self._v_head_size].copy()
+        values = self.value_cache[ids].reshape((-1,) + tail)[:length]
+        if self.v_scale is not None:
+            values = _cache_quant.dequantize(values, self.v_scale)
         return keys, values
+
+    def attention_kwargs(self, step, query, key, value=None):
+        """The arguments of ``paged_attention`` for ``step``, as a dict of keywords.
+
+        Add the model's own arguments to call it: ``cpg.paged_attention(**cache.
+        attention_kwargs(step, q, k, v), num_heads=8, cos_cache=cos, sin_cache=sin)``.
+        A latent cache gives ``value_cache=None``, ``kv_cache_layout="latent"`` and its
+        ``v_head_size``; with v_head_size != head_size the op needs ``scale`` passed.
+
+        Args:
+            step: the StepMetadata ``begin_step`` returned for this call.
+            query: the call's query, as ``paged_attention`` takes it.
+            key: the new keys (None with a packed query).
+            value: the new values; None in the latent layout (V is read from the key cache)
+                and with a packed query.
+
+        Returns:
+            dict: query, key, value, key_cache, value_cache, cumulative_sequence_length,
+            past_seqlens, block_table, kv_num_heads, k_scale, v_scale, kv_cache_layout and
+            v_head_size (None in the standard layout).
+        """
+        if not isinstance(step, StepMetadata):
+            raise TypeError(f"step must be the StepMetadata begin_step returned "
+                            f"(got {type(step).__name__})")
+        return dict(
+            query=query, key=key, value=value,
+            key_cache=self.key_cache, value_cache=self.value_cache,
+            cumulative_sequence_length=step.cumulative_sequence_length,
+            past_seqlens=step.past_seqlens, block_table=step.block_table,
+            kv_num_heads=self._kv_num_heads, k_scale=self.k_scale, v_scale=self.v_scale,
+            kv_cache_layout=self._layout,
+            v_head_size=self._v_head_size if self.latent else None,
+        )
 
     def __repr__(self):
         used = self._num_blocks - len(self._free)
         lengths = ", ".join(f"{s}: {n}" for s, n in self._lengths.items())
+        latent = (f"layout='latent', v_head_size={self._v_head_size}, " if self.latent
+                  else "")
         return (
             f"PagedKVCache(num_blocks={self._num_blocks}, block_size={self._block_size}, "
-            f"kv_num_heads={self._kv_num_heads}, head_size={self._head_size}, "
+            f"kv_num_heads={self._kv_num_heads}, head_size={self._head_size}, {latent}"
             f"dtype={self._dtype}, xp={self._xp.__name__}, blocks used={used} "
             f"free={len(self._free)}, sequence lengths={{{lengths}}})"
         )
@@ -323,42 +381,4 @@ class PagedKVCache:
             block_table=device[starts[2]:starts[2] + sizes[2]].reshape(batch, max_blocks),
             num_tokens=int(cum[-1]),
         )
-
-
-def _cache_dtype_and_scales(dtype, scale, kv_num_heads, head_size, xp):
-    """(dtype, k_scale, v_scale) of a new cache: a floating dtype and no scales, or a one-byte
-    dtype (``_quant.CACHE_DTYPES``) with its two float32 scales in xp."""
-    if isinstance(dtype, str) and dtype.startswith("float8"):
-        import ml_dtypes  # noqa: F401  (registers the float8 dtype names with NumPy)
-    try:
-        one_byte = numpy.dtype(dtype).name in _quant.CACHE_DTYPES
-    except TypeError:
-        one_byte = False
-    if not one_byte:
-        if scale is not None:
-            raise ValueError(f"scale: only a one-byte cache ({', '.join(_quant.CACHE_DTYPES)}) "
-                             f"takes a scale, got dtype {dtype!r}")
-        return _float_dtype(dtype), None, None
-    resolved = numpy.dtype(dtype)
-    if scale is None:
-        raise ValueError(f"scale: a {resolved} cache needs its scale (a number, a (Nkv, 1, H) "
-                         "array, or a (k_scale, v_scale) pair), got None")
-    pair = scale if isinstance(scale, tuple) else (scale, scale)
-    if len(pair) != 2:
-        raise ValueError(f"scale: expected a (k_scale, v_scale) pair, got {len(pair)} items")
-    scales = []
-    for name, s in zip(("k_scale", "v_scale"), pair):
-        s = numpy.asarray(s, dtype=numpy.float32)
-        s = s.reshape(1) if s.ndim == 0 else s
-        if s.shape not in ((1,), (kv_num_heads, 1, head_size)):
-            raise ValueError(f"scale: {name} must be a number or of shape (kv_num_heads, 1, "
-                             f"head_size) = ({kv_num_heads}, 1, {head_size}), got {s.shape}")
-        _quant.check_scale_values(name, s)
-        scales.append(xp.asarray(s))
-    return resolved, scales[0], scales[1]
-
-
-def _dequantize(x, scale):
-    """A one-byte (length, Nkv, H) array as float32 values x_q * scale, in x's module."""
-    return x.astype("float32") * (scale if scale.shape == (1,) else scale[:, 0, :])
 

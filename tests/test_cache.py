@@ -341,6 +341,31 @@ def test_argument_errors_name_the_argument():
         cache.free(a)
 
 
+@pytest.mark.parametrize("dtype, scale", [(numpy.float32, None), ("int8", (0.02, 0.05))])
+def test_attention_kwargs_is_the_direct_call(dtype, scale):
+    """cpg.paged_attention(**cache.attention_kwargs(step, q, k, v), ...) is the call with every
+    argument spelled out (standard layout: both caches, both scales, v_head_size None)."""
+    import cupy_paged as cpg
+    rng = numpy.random.default_rng(4)
+    cache = PagedKVCache(8, 4, NKV, H, dtype=dtype, scale=scale)
+    a, b = cache.add_sequence(), cache.add_sequence()
+    step = cache.begin_step({a: 5, b: 2})
+    q, k, v = (0.5 * rng.standard_normal((7, n * H), dtype=numpy.float32)
+               for n in (4, NKV, NKV))
+    kw = cache.attention_kwargs(step, q, k, v)
+    assert kw["kv_cache_layout"] == "standard" and kw["v_head_size"] is None
+    assert kw["key_cache"] is cache.key_cache and kw["value_cache"] is cache.value_cache
+    assert kw["k_scale"] is cache.k_scale and kw["v_scale"] is cache.v_scale
+    kc, vc = cache.key_cache.copy(), cache.value_cache.copy()
+    expected = cpg.paged_attention(q, k, v, kc, vc, step.cumulative_sequence_length,
+                                   step.past_seqlens, step.block_table, num_heads=4,
+                                   kv_num_heads=NKV, k_scale=cache.k_scale,
+                                   v_scale=cache.v_scale)
+    numpy.testing.assert_array_equal(cpg.paged_attention(**kw, num_heads=4), expected)
+    numpy.testing.assert_array_equal(cache.key_cache, kc)
+    numpy.testing.assert_array_equal(cache.value_cache, vc)
+
+
 # --- GPU -------------------------------------------------------------------------------------
 
 @pytest.mark.gpu
