@@ -8,34 +8,21 @@ leading v_head_size channels, so the cache has no value cache and no v_scale.
 
 import operator
 
-from cupy_paged._layout import LAYOUTS
+from cupy_paged import _layout
 
 
 def check(layout, kv_num_heads, head_size, v_head_size):
     """(layout, Hv) for a new cache: Hv = v_head_size in the latent layout (None: head_size),
-    head_size in the standard one. ValueError (TypeError for a non-integer v_head_size)."""
-    if not isinstance(layout, str) or layout not in LAYOUTS:
-        raise ValueError(f"layout: expected one of {', '.join(map(repr, LAYOUTS))}, "
-                         f"got {layout!r}")
+    head_size in the standard one. ValueError (TypeError for a non-integer v_head_size); the
+    rules are paged_attention's (``_layout``), named as the constructor's arguments."""
+    layout = _layout.layout_name(layout, arg="layout")
     if v_head_size is not None:
         v_head_size = _integer(v_head_size)
-    if layout == "standard":
-        if v_head_size is not None and v_head_size != head_size:
-            raise ValueError(f"v_head_size: the standard layout's V has head_size channels; "
-                             f"expected None or head_size = {head_size}, got {v_head_size} "
-                             "(a narrower V needs layout='latent')")
-        return layout, head_size
-    if kv_num_heads != 1:
+    latent = layout == "latent"
+    if latent and kv_num_heads != 1:
         raise ValueError(f"kv_num_heads: layout='latent' caches one latent head per token, "
                          f"expected 1, got {kv_num_heads}")
-    if v_head_size is None:
-        return layout, head_size
-    if v_head_size <= 0 or v_head_size % 8:
-        raise ValueError(f"v_head_size: expected a positive multiple of 8, got {v_head_size}")
-    if v_head_size > head_size:
-        raise ValueError(f"v_head_size: V is the leading channels of the cached key, expected "
-                         f"at most head_size = {head_size}, got {v_head_size}")
-    return layout, v_head_size
+    return layout, _layout.v_head_size(v_head_size, head_size, latent, "layout") or head_size
 
 
 def _integer(value):

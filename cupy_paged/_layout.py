@@ -16,10 +16,10 @@ _WHY_NONE = {"value": "V is the leading v_head_size channels of the cached key",
              "v_scale": "V is read from the key cache and dequantised with k_scale"}
 
 
-def layout_name(kv_cache_layout):
-    """"standard" or "latent"; ValueError for anything else."""
+def layout_name(kv_cache_layout, arg="kv_cache_layout"):
+    """"standard" or "latent"; ValueError naming ``arg`` for anything else."""
     if not isinstance(kv_cache_layout, str) or kv_cache_layout not in LAYOUTS:
-        raise ValueError(f"kv_cache_layout: expected one of {', '.join(map(repr, LAYOUTS))}, "
+        raise ValueError(f"{arg}: expected one of {', '.join(map(repr, LAYOUTS))}, "
                          f"got {kv_cache_layout!r}")
     return kv_cache_layout
 
@@ -41,10 +41,11 @@ def check_latent(a, kv_num_heads):
                          "pass key (T, head_size) and value=None, or kv_cache_layout='standard'")
 
 
-def v_head_size(value, head_size, latent):
+def v_head_size(value, head_size, latent, layout_arg="kv_cache_layout"):
     """The Problem's v_head_size: latent: Hv (None: head_size), a positive multiple of 8 and
     at most head_size; standard: 0 (None, or head_size itself, is accepted: the standard
-    layout's V always has head_size channels)."""
+    layout's V always has head_size channels). layout_arg: the layout argument's name in the
+    messages (``PagedKVCache`` calls it ``layout``)."""
     if value is None:
         return head_size if latent else 0
     value = _checks.integer("v_head_size", value)
@@ -52,7 +53,7 @@ def v_head_size(value, head_size, latent):
         if value != head_size:
             raise ValueError(f"v_head_size: the standard layout's V has head_size channels; "
                              f"expected None or head_size = {head_size}, got {value} (a "
-                             "narrower V needs kv_cache_layout='latent')")
+                             f"narrower V needs {layout_arg}='latent')")
         return 0
     if value <= 0 or value % 8:
         raise ValueError(f"v_head_size: expected a positive multiple of 8, got {value}")
