@@ -31,8 +31,6 @@ class Tile90:
     pingpong: bool = False
     arch: str = "sm90a"
     bm: int = 128
-    key_warps: int = 1
-    swizzle: bool = True
 
     def __post_init__(self):
         if self.head not in HEAD_SIZES:
