@@ -138,8 +138,8 @@ struct Producer {
     rows.copy(sm.k_addr(stage), reinterpret_cast<const char*>(kv.key_cache), row_bytes);
     flash::cp_async_commit();
     mbar_arrive_on_copies(sm.k_full(stage));
-    if (tid == 0) {  // the rows (ordered by the named barrier) and the flag, released
-      sm.holes()[stage] = hole;
+    if (tid < Tr::BN) {  // this thread's key row (and thread 0's hole flag), released
+      if (tid == 0) sm.holes()[stage] = hole;
       mbar_arrive(sm.k_full(stage));
     }
     if (n > 0) mbar_wait(sm.v_empty(stage), (n - 1) & 1);

@@ -47,7 +47,9 @@ struct Smem90 {
   __device__ __forceinline__ void init_barriers() const {
     mbar_init(q_full, Tr::PRODUCER_THREADS);  // one cp.async arrival per producer thread
     for (int s = 0; s < Tr::STAGES; ++s) {
-      mbar_init(k_full(s), Tr::PRODUCER_THREADS + 1);  // + thread 0's publishing arrival
+      // + one publishing arrival per key row (each writer releases its own row: compute-sanitizer's
+      // racecheck does not carry a named barrier's ordering through another thread's arrival)
+      mbar_init(k_full(s), Tr::PRODUCER_THREADS + Tr::BN);
       mbar_init(v_full(s), Tr::PRODUCER_THREADS);
       mbar_init(k_empty(s), Tr::WARPS);                // one per consumer warp
       mbar_init(v_empty(s), Tr::WARPS);
