@@ -6,7 +6,8 @@ under NVRTC (well inside the 20 s budget), the tiles fit, the policy picks the k
 prefill on 9.0 only and falls back to the sm80 kernel where it splits keys. GPU (9.0 only):
 the parity matrix of tests/test_flash_kernel.py forced onto the new kernel, every tile, the
 public API's automatic choice against the sm80 kernel on the same inputs, head sinks,
-determinism, CUDA-graph capture with the metadata changed in place, the guard's NaN rows.
+determinism, CUDA-graph capture with the metadata changed in place, the guard's NaN rows; the
+persistent tiles (the default) bit for bit against one CTA per unit, their counter reset.
 """
 import dataclasses
 import time
@@ -45,6 +46,7 @@ def test_sm90_compile_every_sm90a_variant(flash_cache_dir):
     names = [n for n in fk.all_variant_names("sm90a") if n.startswith("flash90_")]
     assert len(names) == 2 * len(f90.HEAD_SIZES)
     names += [fk._register_fwd("float16", t) for t in f90.all_tiles(pingpong=True)]
+    names += [fk._register_fwd("float16", t) for t in f90.all_tiles(persistent=False)]
     for name in names:
         start = time.perf_counter()
         r = compile_variant(name, get_spec(name).target(90))
@@ -71,6 +73,16 @@ def test_sm90_tiles_fit_and_mirror_the_traits(head):
     assert tile.smem_bytes <= f90.SMEM_LIMIT
     assert tile.smem_bytes >= 128 * panels * 128 + 2 * tile.stages * tile.bn * panels * 128
     assert tile.threads == 384 and tile.bm == 128
+
+
+def test_sm90_persistent_tiles_stage_the_output_apart_where_it_fits():
+    """A persistent tile's Q is free for the next unit once the last S has landed only when
+    the output has a staging tile of its own (Traits90::O_SEPARATE): every head but 256."""
+    for tile in f90.all_tiles(persistent=True):
+        assert tile.separate_output == (tile.head < 256), tile
+        assert tile.smem_bytes <= f90.SMEM_LIMIT
+        assert tile.smem_bytes > f90.Tile90(tile.head, tile.bn, tile.stages).smem_bytes
+    assert not any(t.separate_output for t in f90.all_tiles(persistent=False))
 
 
 def test_sm90_tile_rejects_what_the_kernel_cannot_run():
@@ -153,7 +165,8 @@ PREFILL = Case("prefill90", lens=((700, 0), (0, 9), (300, 1100), (129, 3)), N=8,
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("tile", f90.all_tiles() + f90.all_tiles(pingpong=True),
+@pytest.mark.parametrize("tile", f90.all_tiles() + f90.all_tiles(pingpong=True)
+                         + f90.all_tiles(persistent=False),
                          ids=lambda t: fk.fwd_name("float16", t))
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_sm90_every_tile_prefill(tile, dtype, sm90):
@@ -245,29 +258,57 @@ def test_sm90_head_sink(sm90):
     assert diff <= 2e-3, diff
 
 
+def _tile_options(head, persistent):
+    from cupy_paged.backends.plan import PlanOptions
+    return PlanOptions(tile=f90.tile_for(head, persistent=persistent), num_splits=1)
+
+
 @pytest.mark.gpu
-def test_sm90_graph_capture_with_metadata_changed_in_place(sm90):
+@pytest.mark.parametrize("head", [64, 128, 192, 256])
+def test_sm90_persistent_matches_one_unit_per_cta_bit_for_bit(head, sm90):
+    """Persistent CTAs (units handed out by the launch's counter: far more units than SMs)
+    compute every unit exactly as the one-unit-per-CTA kernel does, launch after launch: the
+    counter is back at zero after each."""
+    import cupy
+
+    inputs = _api_inputs(41, T_per=(2000, 1000, 1), N=32, Nkv=8, H=head)
+    want, _ = _call(inputs, options=_tile_options(head, False))
+    for _ in range(3):
+        got, _ = _call(inputs, options=_tile_options(head, True))
+        assert bool(cupy.array_equal(got, want)), float(cupy.abs(
+            got.astype(cupy.float32) - want.astype(cupy.float32)).max())
+    counter = fk.stream_counter(cupy, cupy.cuda.Device().id, cupy.cuda.get_current_stream().ptr)
+    assert counter.get().tolist() == [0, 0]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("persistent", [None, True], ids=["auto", "persistent"])
+def test_sm90_graph_capture_with_metadata_changed_in_place(persistent, sm90):
     import cupy
     import cupy_paged
 
     inputs = _api_inputs(33, T_per=(1500, 1500), past=(0, 100), N=32, Nkv=8)
+    kw = dict(max_seqlen_q=1500)
+    if persistent:
+        kw["options"] = _tile_options(128, True)
     copy = lambda d: {k: (v.copy() if isinstance(v, cupy.ndarray) else v)  # noqa: E731
                       for k, v in d.items()}
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         a = copy(inputs)
         out = cupy.empty_like(a["query"])
-        plan = cupy_paged.plan(**a, backend="flash", max_seqlen_q=1500)
+        plan = cupy_paged.plan(**a, backend="flash", **kw)
         assert isinstance(plan.details["tile"], f90.Tile90), plan.details
-        cupy_paged.paged_attention(**a, backend="flash", out=out, max_seqlen_q=1500)  # warm
+        cupy_paged.paged_attention(**a, backend="flash", out=out, **kw)  # warm
         stream.begin_capture()
-        cupy_paged.paged_attention(**a, backend="flash", out=out, max_seqlen_q=1500)
+        cupy_paged.paged_attention(**a, backend="flash", out=out, **kw)
         graph = stream.end_capture()
         a["past_seqlens"][...] = cupy.asarray([50, 7], cupy.int32)  # in place: new contexts
         b = copy(a)  # the same caches and metadata, for an eager call
         graph.launch(stream)
+        graph.launch(stream)  # twice: a persistent grid's counter is reset by each launch
         stream.synchronize()
-    want = cupy_paged.paged_attention(**b, backend="flash", max_seqlen_q=1500)
+    want = cupy_paged.paged_attention(**b, backend="flash", **kw)
     assert bool(cupy.array_equal(out, want))
     assert bool(cupy.array_equal(a["key_cache"], b["key_cache"]))
 
@@ -314,3 +355,13 @@ def test_sm90_kernel_option_is_flash_only():
     with pytest.raises(ValueError, match="options.kernel: the mea backend does not take it"):
         PlanOptions(kernel="sm80").check("mea", ("arch_tag",))
     PlanOptions(kernel="sm80").check("flash", ("tile", "num_splits", "programmatic", "kernel"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("case", (_matrix() + EDGE_CASES)[::3], ids=lambda c: c.name)
+def test_sm90_one_unit_per_cta_matches_reference(case, dtype, sm90):
+    """A third of the parity matrix on the tiles of one CTA per work unit (the default tiles,
+    persistent, run the whole matrix in test_sm90_matches_reference)."""
+    run_flash(case, dtype, zlib.crc32(f"{case.name}-{dtype}-unit".encode()), num_splits=1,
+              tile=f90.tile_for(f90.padded_head(case.H), persistent=False))

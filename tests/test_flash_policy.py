@@ -223,7 +223,7 @@ def test_flash_scalars_travel_as_one_struct_in_field_order():
     the kernel takes that one struct."""
     problem = make_problem(T=70, B=3, N=32, Nkv=8, H=128, bs=48, num_blocks=200,
                            max_blocks=40, softcap=30.0, window=100)
-    s = fk.forward_params(problem, 3)
+    s = fk.forward_params(problem, 3, 77)
     struct = fk.FWD_PARAMS
     assert s.shape == (1,) and s.dtype == struct.dtype
     fields = 8 * len(struct.pointers) + 4 * len(struct.scalars)
@@ -233,7 +233,7 @@ def test_flash_scalars_travel_as_one_struct_in_field_order():
     want = dict(num_tokens=70, batch=3, num_heads=32, kv_heads=8, head_size=128, group=4,
                 block_size=bs, block_shift=shift, block_magic=magic,
                 block_magic_shift=magic_shift, num_blocks=200, max_blocks=40, window=100,
-                num_splits=3)
+                num_splits=3, num_work=77)
     for name, value in want.items():
         assert int(s[0][name]) == value, name
     assert math.isclose(float(s[0]["cap_in"]), problem.scale / 30.0, rel_tol=1e-6)

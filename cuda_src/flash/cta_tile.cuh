@@ -77,13 +77,17 @@ struct CtaTile {
 // (cum, past, block_table) and the guard's verdict (complete: every prologue CTA lets this
 // kernel start only after its own wait for the guard) are read, and every CTA waits before it
 // exits.
+//
+// work, num_work: this CTA's work unit and the units of the launch (blockIdx.x and gridDim.x;
+// a persistent CTA walks several units).
 template <class Tr>
-__device__ __forceinline__ bool locate_tile(const FwdParams& p, int tid, CtaTile& t) {
-  // blockIdx.x = tile * kv_heads + kvh: the kv heads of one query tile are neighbours in the
+__device__ __forceinline__ bool locate_work(const FwdParams& p, int tid, CtaTile& t,
+                                            unsigned work, unsigned num_work) {
+  // work = tile * kv_heads + kvh: the kv heads of one query tile are neighbours in the
   // launch order, so CTAs running together read the same cache blocks' token rows (the Nkv
   // heads of a token are adjacent in the cache) rather than 1 / Nkv of each of many blocks.
-  const int tile_x = static_cast<int>(blockIdx.x / p.kv_heads);
-  t.kvh = static_cast<int>(blockIdx.x - tile_x * p.kv_heads);
+  const int tile_x = static_cast<int>(work / p.kv_heads);
+  t.kvh = static_cast<int>(work - tile_x * p.kv_heads);
   t.split = blockIdx.z;
   t.group = p.group;
   t.head_size = p.head_size;
@@ -94,7 +98,7 @@ __device__ __forceinline__ bool locate_tile(const FwdParams& p, int tid, CtaTile
     return false;
   }
   // Heavy tiles (last rows of long sequences see the most keys) are launched first.
-  const long long tile = static_cast<long long>(gridDim.x / p.kv_heads) - 1 - tile_x;
+  const long long tile = static_cast<long long>(num_work / p.kv_heads) - 1 - tile_x;
   t.b = sequence_of_tile<Tr::BM>(p.cum, p.batch, G, tile);
   t.q_begin = p.cum[t.b];
   const int q_len = p.cum[t.b + 1] - t.q_begin;
@@ -107,7 +111,7 @@ __device__ __forceinline__ bool locate_tile(const FwdParams& p, int tid, CtaTile
   t.row0 = static_cast<int>(m_block) * Tr::BM;
   if (p.fault != nullptr && p.fault[t.b] != 0) {  // faulted sequence: its rows stay NaN
     pdl::wait();  // the previous call's combine has read the partial sums
-    if (p.num_splits > 1)
+    if (Tr::SPLITS && p.num_splits > 1)  // SPLITS: compile-time (no call where it is false)
       poison_partials<Tr::BM, Tr::THREADS>(
           p.partial_lse, static_cast<long long>(t.split) * p.num_tokens + t.q_begin,
           p.num_heads, G, t.kvh * G, t.row0, t.rows, tid);
@@ -128,6 +132,12 @@ __device__ __forceinline__ bool locate_tile(const FwdParams& p, int tid, CtaTile
   t.my_hi = t_lo + min((t.split + 1) * per_split, n_tiles);
   t.kv_len = t.past + q_len;
   return true;
+}
+
+// The CTA's one work unit (blockIdx.x of gridDim.x).
+template <class Tr>
+__device__ __forceinline__ bool locate_tile(const FwdParams& p, int tid, CtaTile& t) {
+  return locate_work<Tr>(p, tid, t, blockIdx.x, gridDim.x);
 }
 
 }  // namespace flash

@@ -19,6 +19,8 @@ struct FwdParams {
   float* partial_lse;       // (num_splits, T*N), log2 of each split's row sum (-inf: no key)
   const int* fault;         // null, or the metadata guard's (B+1,) flags (backends/_guard.py)
   const void* head_sink;    // null, or (N,) in T: each query head's sink logit (num_splits 1)
+  int* work_counter;        // a persistent sm90a grid's (2,) unit counter, 0 between launches
+                            // (hopper/producer.cuh's run_all); null otherwise
   int num_tokens;
   int batch;
   int num_heads;
@@ -36,6 +38,8 @@ struct FwdParams {
   float cap_out;            // c * log2(e)
   int window;               // <= 0: off
   int num_splits;
+  int num_work;             // work units (tiles x kv heads): the grid's x, or what a
+                            // persistent grid's CTAs walk (hopper/fwd_kernel.cuh)
 };
 
 struct CombineParams {

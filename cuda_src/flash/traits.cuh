@@ -33,6 +33,7 @@ struct Traits {
   static constexpr int STAGES = STAGES_;  // K/V tiles in shared memory (STAGES - 1 in flight)
   static constexpr int KEY_WARPS = KEY_WARPS_;  // warps sharing rows, splitting each key tile
   static constexpr int THREADS = 32 * WARPS;
+  static constexpr bool SPLITS = true;  // runs split-KV (partial sums for the combine)
   static constexpr int ROW_WARPS = WARPS / KEY_WARPS;
   static constexpr int WARP_ROWS = BM / ROW_WARPS;
   static constexpr int WARP_KEYS = BN / KEY_WARPS;  // keys of a tile one warp multiplies

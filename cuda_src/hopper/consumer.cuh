@@ -100,14 +100,10 @@ struct Turns {
   }
 };
 
-// Every warp of the group is done reading a stage: one arrival per warp.
-__device__ __forceinline__ void release(unsigned empty_bar, int lane) {
-  __syncwarp();
-  if (lane == 0) mbar_arrive(empty_bar);
-}
-
 // The group's output rows: o / (l + sink term), rounded to T, staged in the group's own rows
-// of the Q tile (swizzled: conflict-free 4-byte stores), then written as 16-byte chunks.
+// of the staging tile (Smem90::out_tile, swizzled: conflict-free 4-byte stores), then written
+// as 16-byte chunks. A persistent CTA's group first waits until all its threads have copied
+// out the previous unit's rows.
 template <class Tr>
 __device__ __forceinline__ void write_rows(const flash::FwdParams& p, const flash::CtaTile& t,
                                            const ConsumerRole& me, const Smem90<Tr>& sm,
@@ -115,13 +111,15 @@ __device__ __forceinline__ void write_rows(const flash::FwdParams& p, const flas
                                            const softmax::RowState (&st)[2]) {
   using T = typename Tr::T;
   using Q = SwizzledTile<Tr::BM>;
+  unsigned char* const staged = sm.out_tile();
+  if (Tr::PERSISTENT) named_sync(2 + me.group, 128);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = me.row(0, h);
     const float inv = st[h].inv_sum(flash::row_sink<Tr>(p, t, r));
 #pragma unroll
     for (int d = 0; d < Tr::DFRAG; ++d)
-      *reinterpret_cast<unsigned*>(sm.base + Q::chunk(r, d) + (me.lane & 3) * 4) =
+      *reinterpret_cast<unsigned*>(staged + Q::chunk(r, d) + (me.lane & 3) * 4) =
           pack2<T>(o[d][2 * h] * inv, o[d][2 * h + 1] * inv);
   }
   named_sync(2 + me.group, 128);
@@ -136,15 +134,53 @@ __device__ __forceinline__ void write_rows(const flash::FwdParams& p, const flas
     const int j = row / G;
     *reinterpret_cast<uint4*>(
         out + ((t.q_begin + j) * static_cast<long long>(p.num_heads) + t.kvh * G + row - j * G) *
-                  H + c * 8) = *reinterpret_cast<const uint4*>(sm.base + Q::chunk(r, c));
+                  H + c * 8) = *reinterpret_cast<const uint4*>(staged + Q::chunk(r, c));
   }
 }
 
+// A consumer warpgroup. Its state across work units: the positions in the K and V rings and
+// how many Q tiles it has used.
 template <class Tr>
-__device__ __forceinline__ void consume(const flash::FwdParams& p, const flash::CtaTile& t,
-                                        const Smem90<Tr>& sm, int consumer_tid) {
+struct Consumer {
+  const Smem90<Tr> sm;
+  const ConsumerRole me;
+  RingSlot<Tr::STAGES> k_ring, v_ring;  // v_ring trails k_ring by one tile within a unit
+  unsigned q_parity = 0;
+
+  __device__ __forceinline__ Consumer(const flash::FwdParams&, const Smem90<Tr>& sm_,
+                                      int consumer_tid)
+      : sm(sm_), me(consumer_tid) {}
+
+  // One work unit; the Q tile is handed back once its last S has landed (O_SEPARATE) or
+  // after the output staged in it is written.
+  __device__ __forceinline__ void run(const flash::FwdParams& p, const flash::CtaTile& t) {
+    compute(p, t);
+    if (!Tr::O_SEPARATE) release(sm.q_empty, me.lane);
+    q_parity ^= 1u;
+  }
+
+  // A persistent CTA: the units the producer's thread 0 publishes (hopper/producer.cuh's
+  // run_all), until it says none is left.
+  __device__ __forceinline__ void run_all(const flash::FwdParams& p) {
+    for (int n = 0;; ++n) {
+      const int slot = n & 1;
+      mbar_wait(sm.unit_full(slot), (n >> 1) & 1);
+      const UnitSlot* u = sm.unit(slot);
+      const int state = u->state;
+      const flash::CtaTile t = u->t;
+      release(sm.unit_empty(slot), me.lane);
+      if (state < 0) return;
+      if (state > 0) run(p, t);
+    }
+  }
+
+  __device__ __forceinline__ void compute(const flash::FwdParams& p, const flash::CtaTile& t);
+};
+
+template <class Tr>
+__device__ __forceinline__ void Consumer<Tr>::compute(const flash::FwdParams& p,
+                                                      const flash::CtaTile& t) {
   constexpr int NF = Tr::NFRAG, DF = Tr::DFRAG;
-  const ConsumerRole me(consumer_tid);
   const flash::ScoreMasks<Tr> masks(t, me);
   float o[1][DF][4];
   float s[1][NF][4];
@@ -158,13 +194,13 @@ __device__ __forceinline__ void consume(const flash::FwdParams& p, const flash::
   const float softmax_scale = tr.capped ? 1.0f : tr.scale_log2;
   const unsigned q_rows = sm.q_addr + me.group * Tr::GROUP_ROWS * 128;
 
-  mbar_wait(sm.q_full, 0);
+  mbar_wait(sm.q_full, q_parity);
   if (t.my_hi <= t.my_lo) {  // no key tile: the rows see no key (o = 0)
+    if (Tr::O_SEPARATE) release(sm.q_empty, me.lane);
     write_rows<Tr>(p, t, me, sm, o[0], st[0]);
     return;
   }
-  RingSlot<Tr::STAGES> k_ring, v_ring;  // v_ring trails k_ring by one tile
-  unsigned pa[Tr::BN / 16][4];           // P of the previous tile
+  unsigned pa[Tr::BN / 16][4];  // P of the previous tile
   float corr[1][2];
   bool moved;
   // The scores of tile kt (landed in s) -> probabilities; its K stage is handed back.
@@ -173,7 +209,9 @@ __device__ __forceinline__ void consume(const flash::FwdParams& p, const flash::
     if (tr.capped) flash::softcap_scores(s, tr);
     masks.apply(s, kt * Tr::BN, p.window, sm.holes()[k_ring.stage] != 0,
                 sm.key_rows(k_ring.stage));
-    release(sm.k_empty(k_ring.stage), me.lane);  // K and its key rows are read
+    // K and its key rows are read: every thread arrives for its own reads of the rows (a
+    // warp's one arrival after __syncwarp is what compute-sanitizer's racecheck reported)
+    mbar_arrive(sm.k_empty(k_ring.stage));
     k_ring.advance();
     moved = false;
     flash::softmax_tile(s, st, softmax_scale, corr, moved);
@@ -209,6 +247,7 @@ __device__ __forceinline__ void consume(const flash::FwdParams& p, const flash::
     pack_probabilities<Tr>(pa, s[0]);
   }
   if (turns_on && me.group == 0) turns.wait();  // group 1's last pass
+  if (Tr::O_SEPARATE) release(sm.q_empty, me.lane);  // the last S has landed: Q is free
   // The last tile's P V.
   mbar_wait(sm.v_full(v_ring.stage), v_ring.parity);
   proxy_fence();
@@ -216,6 +255,8 @@ __device__ __forceinline__ void consume(const flash::FwdParams& p, const flash::
   issue_values<Tr>(o[0], pa, sm.v_addr(v_ring.stage));
   wgmma::wait<0>();
   wgmma::fence_operands(o[0]);
+  release(sm.v_empty(v_ring.stage), me.lane);  // the next unit's tiles reuse the rings
+  v_ring.advance();
   flash::reduce_row_sums(st);
   write_rows<Tr>(p, t, me, sm, o[0], st[0]);
 }

@@ -84,25 +84,25 @@ __device__ __forceinline__ void copy_rows(unsigned dst, int head_size, int tid, 
   }
 }
 
+// The producer warpgroup. Its state across work units: how many tiles it has loaded (tile i
+// goes to stage i % STAGES, the (i / STAGES)-th use of that stage) and how many Q tiles.
 template <class Tr>
 struct Producer {
   using T = typename Tr::T;
   using Offsets = flash::KeyRowOffsets<ProducerShape<Tr>>;
-  const Smem90<Tr>& sm;
-  flash::KeyView<Tr> kv;
-  int kv_len, head_size, tid;
+  const Smem90<Tr> sm;
+  int tid;
+  int tiles = 0, q_tiles = 0;
 
-  __device__ __forceinline__ Producer(const flash::FwdParams& p, const flash::CtaTile& t,
-                                      const Smem90<Tr>& sm_, int tid_)
-      : sm(sm_),
-        kv(flash::key_view<Tr>(p, t)),
-        kv_len(t.kv_len),
-        head_size(t.head_size),
-        tid(tid_) {}
+  __device__ __forceinline__ Producer(const flash::FwdParams&, const Smem90<Tr>& sm_, int tid_)
+      : sm(sm_), tid(tid_) {}
 
-  // The Q tile: row r is sequence row row0 + r = (token j, head g), zeros past `rows`.
-  __device__ __forceinline__ void load_q(const flash::FwdParams& p,
-                                         const flash::CtaTile& t) const {
+  // The Q tile: row r is sequence row row0 + r = (token j, head g), zeros past `rows`; its
+  // buffer is free once the consumers are done with the previous unit's Q (and, when the
+  // output is staged in it, with that unit's output).
+  __device__ __forceinline__ void load_q(const flash::FwdParams& p, const flash::CtaTile& t) {
+    if (q_tiles > 0) mbar_wait(sm.q_empty, (q_tiles - 1) & 1);
+    ++q_tiles;
     const char* q = static_cast<const char*>(p.q);
     const int G = t.group, N = p.num_heads, H = t.head_size;
     const long long q_begin = t.q_begin;
@@ -118,8 +118,10 @@ struct Producer {
     mbar_arrive_on_copies(sm.q_full);
   }
 
-  // Tile kt into stage `stage` of both rings (its n-th use: the consumers freed it n times).
-  __device__ __forceinline__ void load_tile(int kt, int stage, int n) const {
+  // Key tile kt of the unit whose keys are kv into stage `stage` of both rings (its n-th use:
+  // the consumers freed it n times).
+  __device__ __forceinline__ void load_tile(const flash::KeyView<Tr>& kv, int kv_len,
+                                            int head_size, int kt, int stage, int n) const {
     Offsets keys;
     keys.look_up(kv, kv_len, kt * Tr::BN, tid);
     if (n > 0) mbar_wait(sm.k_empty(stage), (n - 1) & 1);
@@ -148,17 +150,48 @@ struct Producer {
     mbar_arrive_on_copies(sm.v_full(stage));
   }
 
-  __device__ __forceinline__ void run(const flash::FwdParams& p, const flash::CtaTile& t) const {
+  // One work unit: its Q, then its key tiles.
+  __device__ __forceinline__ void run(const flash::FwdParams& p, const flash::CtaTile& t) {
     load_q(p, t);
-    int stage = 0, n = 0;
-    for (int kt = t.my_lo; kt < t.my_hi; ++kt) {
-      load_tile(kt, stage, n);
-      if (++stage == Tr::STAGES) {
-        stage = 0;
-        ++n;
+    const flash::KeyView<Tr> kv = flash::key_view<Tr>(p, t);
+    for (int kt = t.my_lo; kt < t.my_hi; ++kt, ++tiles)
+      load_tile(kv, t.kv_len, t.head_size, kt, tiles % Tr::STAGES, tiles / Tr::STAGES);
+  }
+
+  // A persistent CTA (Traits90::PERSISTENT): units blockIdx.x, then whatever the launch's
+  // counter hands out (p.work_counter[0] + gridDim.x: dynamic, heavy units first, so the SMs
+  // finish together). Thread 0 locates each unit and publishes it in slot n % 2 for the whole
+  // CTA (the consumers read it there instead of locating it again), fetching the next index
+  // while the unit's tiles load. The last CTA to finish resets the counter for the next launch.
+  __device__ __forceinline__ void run_all(const flash::FwdParams& p) {
+    unsigned unit = blockIdx.x, next = 0;
+    for (int n = 0;; ++n) {
+      const int slot = n & 1;
+      if (tid == 0) {
+        if (n >= 2) mbar_wait(sm.unit_empty(slot), ((n >> 1) - 1) & 1);
+        UnitSlot* u = sm.unit(slot);
+        int state = -1;
+        if (unit < static_cast<unsigned>(p.num_work)) {
+          state = flash::locate_work<Tr>(p, tid, u->t, unit, p.num_work) ? 1 : 0;
+          next = static_cast<unsigned>(atomicAdd(p.work_counter, 1)) + gridDim.x;
+        }
+        u->state = state;
+        mbar_arrive(sm.unit_full(slot));
       }
+      mbar_wait(sm.unit_full(slot), (n >> 1) & 1);
+      const UnitSlot* u = sm.unit(slot);
+      const int state = u->state;
+      const flash::CtaTile t = u->t;
+      release(sm.unit_empty(slot), tid & 31);  // every warp: its threads have read the slot
+      if (state < 0) break;
+      if (state > 0) run(p, t);
+      unit = next;
     }
-    flash::cp_async_wait<0>();  // nothing in flight when the thread exits
+    if (tid == 0 && atomicAdd(p.work_counter + 1, 1) == static_cast<int>(gridDim.x) - 1) {
+      // every CTA has taken its last index: the counter starts from 0 again
+      atomicExch(p.work_counter, 0);
+      atomicExch(p.work_counter + 1, 0);
+    }
   }
 };
 

@@ -23,6 +23,13 @@ __device__ __forceinline__ void mbar_arrive_on_copies(unsigned bar) {
                : "memory");
 }
 
+// The calling warp is done reading what an "empty" barrier guards: one arrival per warp
+// (lane 0's, after every lane's reads).
+__device__ __forceinline__ void release(unsigned empty_bar, int lane) {
+  __syncwarp();
+  if (lane == 0) mbar_arrive(empty_bar);
+}
+
 // Blocks until the barrier's phase of parity `parity` has completed (acquire).
 __device__ __forceinline__ void mbar_wait(unsigned bar, unsigned parity) {
   unsigned done = 0;

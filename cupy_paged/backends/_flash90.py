@@ -23,12 +23,15 @@ PRODUCER_THREADS, CONSUMERS = 128, 2
 class Tile90:
     """One sm90a instantiation: 128 query rows (two consumer warpgroups of 64) x ``bn`` keys
     over padded head ``head``, K and V in rings of ``stages`` tiles; pingpong: the consumer
-    warpgroups take turns at the tensor cores."""
+    warpgroups take turns at the tensor cores; persistent (the default): one CTA per SM walks
+    the work units a launch counter hands out, the next unit's loads under the current one's
+    end; False: one CTA per unit."""
 
     head: int
     bn: int
     stages: int
     pingpong: bool = False
+    persistent: bool = True
     arch: str = "sm90a"
     bm: int = 128
 
@@ -53,14 +56,27 @@ class Tile90:
 
     @property
     def smem_bytes(self):
-        """Mirrors Traits90::SMEM_BYTES: Q, STAGES K and V tiles of 128-byte panels, each
-        stage's 4-byte key rows, the hole flags (16-byte rounded), 1 + 4 STAGES mbarriers
-        (the generated entry checks the two agree at compile time)."""
+        """Mirrors Traits90::SMEM_BYTES: Q, STAGES K and V tiles of 128-byte panels, a
+        persistent tile's output staging tile where it fits, each stage's 4-byte key rows,
+        the hole flags (16-byte rounded), a persistent tile's two 64-byte unit slots, the
+        mbarriers (2 + 4 STAGES, + 4 persistent)."""
+        return self._layout()[0]
+
+    @property
+    def separate_output(self):
+        """Whether the output rows are staged outside Q (Traits90::O_SEPARATE)."""
+        return self._layout()[1]
+
+    def _layout(self):
         panels = -(-self.head // 64)
         q, kv = self.bm * panels * 128, self.bn * panels * 128
         holes = 16 * -(-(self.stages * 4) // 16)
-        return q + 2 * self.stages * kv + self.stages * self.bn * 4 + holes \
-            + 8 * (1 + 4 * self.stages)
+        units = 2 * 64 if self.persistent else 0
+        bars = 2 + 4 * self.stages + (4 if self.persistent else 0)
+        tail = self.stages * self.bn * 4 + holes + units + 8 * bars
+        body = q + 2 * self.stages * kv
+        separate = self.persistent and body + q + tail <= SMEM_LIMIT
+        return body + (q if separate else 0) + tail, separate
 
 
 def padded_head(head_size):
@@ -68,25 +84,26 @@ def padded_head(head_size):
     return next((h for h in HEAD_SIZES if head_size <= h), None)
 
 
-def tile_for(head, pingpong=False):
+def tile_for(head, pingpong=False, persistent=True):
     """The tile of padded head ``head``: 128-key tiles up to head 128 (2 stages; 3 for head
     64, where they fit), 64 above (the P V accumulators of 192 / 256 channels and the S tile
-    must share a consumer thread's 224 registers). pingpong: the consumers' turns."""
+    must share a consumer thread's 224 registers). pingpong, persistent: Tile90's."""
     if head <= 64:
-        return Tile90(head, 128, 3, pingpong)
+        return Tile90(head, 128, 3, pingpong, persistent)
     if head <= 128:
-        return Tile90(head, 128, 2, pingpong)
-    return Tile90(head, 64, 2, pingpong)
+        return Tile90(head, 128, 2, pingpong, persistent)
+    return Tile90(head, 64, 2, pingpong, persistent)
 
 
-def all_tiles(pingpong=False):
-    return [tile_for(h, pingpong) for h in HEAD_SIZES]
+def all_tiles(pingpong=False, persistent=True):
+    return [tile_for(h, pingpong, persistent) for h in HEAD_SIZES]
 
 
 def fwd_name(dtype, tile):
-    """e.g. flash90_fwd_f16_h128_n128_s2_sm90a (_pp: ping-pong consumers)."""
-    pp = "_pp" if tile.pingpong else ""
-    return (f"flash90_fwd_{DTYPES[dtype].short}_h{tile.head}_n{tile.bn}_s{tile.stages}{pp}_"
+    """e.g. flash90_fwd_f16_h128_n128_s2_sm90a (persistent; _pp: ping-pong consumers; _unit:
+    one CTA per work unit)."""
+    flags = ("_pp" if tile.pingpong else "") + ("" if tile.persistent else "_unit")
+    return (f"flash90_fwd_{DTYPES[dtype].short}_h{tile.head}_n{tile.bn}_s{tile.stages}{flags}_"
             f"{tile.arch}")
 
 
@@ -95,8 +112,9 @@ def register_fwd(dtype, tile, fwd_params):
     """Registers the instantiation of ``tile`` for ``dtype`` (its FwdParams struct: the
     sm80 kernel's, ``fwd_params``); returns its name."""
     name, ctype = fwd_name(dtype, tile), DTYPES[dtype].ctype
+    flag = {True: "true", False: "false"}
     traits = (f"cupy_paged::hopper::Traits90<{ctype}, {tile.head}, {tile.bn}, {tile.stages}, "
-              f"{'true' if tile.pingpong else 'false'}>")
+              f"{flag[tile.pingpong]}, {flag[tile.persistent]}>")
     # the launch's dynamic shared memory is Tile90.smem_bytes: the build checks it is the
     # kernel's own count
     check = (f"static_assert({traits}::SMEM_BYTES == {tile.smem_bytes}, \"Tile90.smem_bytes "

@@ -109,8 +109,9 @@ def block_divisor(block_size):
 # ---------------------------------------------------------------- launches
 
 
-def forward_params(problem, num_splits):
-    """The packed FwdParams scalars of ``problem`` with ``num_splits`` key splits."""
+def forward_params(problem, num_splits, num_work):
+    """The packed FwdParams scalars of ``problem`` with ``num_splits`` key splits over
+    ``num_work`` work units (query tiles x kv heads)."""
     bs, shift, magic, magic_shift = block_divisor(problem.block_size)
     cap = problem.softcap if problem.softcap > 0 else 0.0
     return FWD_PARAMS.pack(
@@ -120,7 +121,7 @@ def forward_params(problem, num_splits):
         num_blocks=problem.num_blocks, max_blocks=problem.max_blocks,
         scale_log2=problem.scale * _LOG2E, cap_in=problem.scale / cap if cap else 0.0,
         cap_out=cap * _LOG2E, window=max(0, problem.window),
-        num_splits=num_splits)
+        num_splits=num_splits, num_work=num_work)
 
 
 class ForwardStep:
@@ -147,11 +148,15 @@ class ForwardStep:
             raise ValueError(f"grid ({grid_x}, 1, {splits}) exceeds CUDA's limits")
         self.problem, self.tile, self.splits, self.device = problem, tile, splits, device
         name, grid = _register_fwd(problem.dtype, tile), (grid_x, 1, splits)
+        self.persistent = getattr(tile, "persistent", False)
+        if self.persistent:  # one CTA per SM walks the work units
+            grid = (min(grid_x, sm_count(device)), 1, 1)
         kernel = get_function(name, device=device)
         if tile.smem_bytes > 48 * 1024:
             kernel.max_dynamic_shared_size_bytes = tile.smem_bytes
-        self.forward = DirectLaunch(kernel, FWD_PARAMS, forward_params(problem, splits), grid,
-                                    (tile.threads,), tile.smem_bytes, programmatic=programmatic)
+        self.forward = DirectLaunch(kernel, FWD_PARAMS, forward_params(problem, splits, grid_x),
+                                    grid, (tile.threads,), tile.smem_bytes,
+                                    programmatic=programmatic)
         facts = [Launch(name, grid, (tile.threads, 1, 1), tile.smem_bytes, programmatic)]
         self.combine = None
         if splits > 1:
@@ -168,6 +173,7 @@ class ForwardStep:
                                 programmatic))
         self.facts = tuple(facts)
         self._held = None  # (stream, workspace) of the last split-KV call
+        self._held_counter = None  # (stream, counter) of the last persistent call
 
     def __call__(self, call):
         if self.problem.num_tokens == 0 or self.problem.batch == 0:
@@ -205,10 +211,23 @@ class ForwardStep:
             po_p, pl_p = partial_o.data.ptr, partial_lse.data.ptr
         else:
             po_p = pl_p = out  # never dereferenced with num_splits == 1
+        counter = self._counter(stream) if self.persistent else 0
         self.forward(q, key_cache, value_cache, cum, past, block_table, out, po_p, pl_p, fault,
-                     sink, stream=stream)
+                     sink, counter, stream=stream)
         if self.combine is not None:
             self.combine(po_p, pl_p, out, fault, sink, stream=stream)
+
+    def _counter(self, stream):
+        """The address of the stream's persistent-grid unit counter (``stream_counter``),
+        remembered for the last stream this step ran on."""
+        import cupy
+
+        if stream is None:
+            stream = cupy.cuda.get_current_stream().ptr
+        held = self._held_counter
+        if held is None or held[0] != stream:
+            held = self._held_counter = (stream, stream_counter(cupy, self.device, stream))
+        return held[1].data.ptr
 
     def _workspace(self, stream):
         """The stream's workspace, remembered for the last stream this step ran on (a
@@ -259,6 +278,21 @@ def stream_workspace(xp, device, stream, o_shape, lse_shape):
             n_o, n_lse = max(n_o, held[0].size), max(n_lse, held[1].size)
         held = (xp.empty(n_o, dtype=xp.float32), xp.empty(n_lse, dtype=xp.float32))
         _workspaces[key] = held
+    return held
+
+
+_counters: dict = {}  # (device id, stream ptr) -> int32 (2,) zeros
+
+
+def stream_counter(xp, device, stream):
+    """The int32 (2,) unit counter of persistent sm90a launches on (device, stream handle):
+    zero between launches (the last CTA of a launch resets it), never freed (a captured CUDA
+    graph keeps pointing at it), one per stream so launches on different streams never share
+    one."""
+    key = (device, stream)
+    held = _counters.get(key)
+    if held is None:
+        held = _counters[key] = xp.zeros(2, dtype=xp.int32)
     return held
 
 
