@@ -75,14 +75,15 @@ def test_sm90_tiles_fit_and_mirror_the_traits(head):
     assert tile.threads == 384 and tile.bm == 128
 
 
-def test_sm90_persistent_tiles_stage_the_output_apart_where_it_fits():
-    """A persistent tile's Q is free for the next unit once the last S has landed only when
-    the output has a staging tile of its own (Traits90::O_SEPARATE): every head but 256."""
+def test_sm90_persistent_tiles_double_buffer_q_where_it_fits():
+    """A persistent tile loads the next unit's Q while this unit computes when two Q tiles fit
+    next to the rings (Traits90::Q_BUFS): every head but 256."""
     for tile in f90.all_tiles(persistent=True):
-        assert tile.separate_output == (tile.head < 256), tile
+        assert tile.q_buffers == (2 if tile.head < 256 else 1), tile
         assert tile.smem_bytes <= f90.SMEM_LIMIT
-        assert tile.smem_bytes > f90.Tile90(tile.head, tile.bn, tile.stages).smem_bytes
-    assert not any(t.separate_output for t in f90.all_tiles(persistent=False))
+        one_per_cta = f90.Tile90(tile.head, tile.bn, tile.stages, persistent=False)
+        assert tile.smem_bytes > one_per_cta.smem_bytes
+    assert all(t.q_buffers == 1 for t in f90.all_tiles(persistent=False))
 
 
 def test_sm90_tile_rejects_what_the_kernel_cannot_run():

@@ -101,18 +101,16 @@ struct Turns {
 };
 
 // The group's output rows: o / (l + sink term), rounded to T, staged in the group's own rows
-// of the staging tile (Smem90::out_tile, swizzled: conflict-free 4-byte stores), then written
-// as 16-byte chunks. A persistent CTA's group first waits until all its threads have copied
-// out the previous unit's rows.
+// of the unit's Q tile `staged` (swizzled: conflict-free 4-byte stores), then written as
+// 16-byte chunks.
 template <class Tr>
 __device__ __forceinline__ void write_rows(const flash::FwdParams& p, const flash::CtaTile& t,
                                            const ConsumerRole& me, const Smem90<Tr>& sm,
                                            const float (&o)[Tr::DFRAG][4],
-                                           const softmax::RowState (&st)[2]) {
+                                           const softmax::RowState (&st)[2],
+                                           unsigned char* staged) {
   using T = typename Tr::T;
   using Q = SwizzledTile<Tr::BM>;
-  unsigned char* const staged = sm.out_tile();
-  if (Tr::PERSISTENT) named_sync(2 + me.group, 128);
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const int r = me.row(0, h);
@@ -145,18 +143,18 @@ struct Consumer {
   const Smem90<Tr> sm;
   const ConsumerRole me;
   RingSlot<Tr::STAGES> k_ring, v_ring;  // v_ring trails k_ring by one tile within a unit
-  unsigned q_parity = 0;
+  int q_uses = 0;  // Q tiles used: this unit's is q_uses % Q_BUFS
 
   __device__ __forceinline__ Consumer(const flash::FwdParams&, const Smem90<Tr>& sm_,
                                       int consumer_tid)
       : sm(sm_), me(consumer_tid) {}
 
-  // One work unit; the Q tile is handed back once its last S has landed (O_SEPARATE) or
-  // after the output staged in it is written.
+  // One work unit; its Q tile (holding the staged output) is handed back after the output.
   __device__ __forceinline__ void run(const flash::FwdParams& p, const flash::CtaTile& t) {
-    compute(p, t);
-    if (!Tr::O_SEPARATE) release(sm.q_empty, me.lane);
-    q_parity ^= 1u;
+    const int buf = q_uses % Tr::Q_BUFS;
+    compute(p, t, buf, static_cast<unsigned>(q_uses / Tr::Q_BUFS) & 1u);
+    release(sm.q_empty(buf), me.lane);
+    ++q_uses;
   }
 
   // A persistent CTA: the units the producer's thread 0 publishes (hopper/producer.cuh's
@@ -174,12 +172,14 @@ struct Consumer {
     }
   }
 
-  __device__ __forceinline__ void compute(const flash::FwdParams& p, const flash::CtaTile& t);
+  __device__ __forceinline__ void compute(const flash::FwdParams& p, const flash::CtaTile& t,
+                                          int buf, unsigned q_parity);
 };
 
 template <class Tr>
 __device__ __forceinline__ void Consumer<Tr>::compute(const flash::FwdParams& p,
-                                                      const flash::CtaTile& t) {
+                                                      const flash::CtaTile& t, int buf,
+                                                      unsigned q_parity) {
   constexpr int NF = Tr::NFRAG, DF = Tr::DFRAG;
   const flash::ScoreMasks<Tr> masks(t, me);
   float o[1][DF][4];
@@ -192,12 +192,11 @@ __device__ __forceinline__ void Consumer<Tr>::compute(const flash::FwdParams& p,
   st[0][0] = st[0][1] = softmax::RowState::empty();
   const ScoreTransform tr{p.scale_log2, p.cap_in, p.cap_out, p.cap_in > 0.0f};
   const float softmax_scale = tr.capped ? 1.0f : tr.scale_log2;
-  const unsigned q_rows = sm.q_addr + me.group * Tr::GROUP_ROWS * 128;
+  const unsigned q_rows = sm.q_addr(buf) + me.group * Tr::GROUP_ROWS * 128;
 
-  mbar_wait(sm.q_full, q_parity);
+  mbar_wait(sm.q_full(buf), q_parity);
   if (t.my_hi <= t.my_lo) {  // no key tile: the rows see no key (o = 0)
-    if (Tr::O_SEPARATE) release(sm.q_empty, me.lane);
-    write_rows<Tr>(p, t, me, sm, o[0], st[0]);
+    write_rows<Tr>(p, t, me, sm, o[0], st[0], sm.q_tile(buf));
     return;
   }
   unsigned pa[Tr::BN / 16][4];  // P of the previous tile
@@ -247,7 +246,6 @@ __device__ __forceinline__ void Consumer<Tr>::compute(const flash::FwdParams& p,
     pack_probabilities<Tr>(pa, s[0]);
   }
   if (turns_on && me.group == 0) turns.wait();  // group 1's last pass
-  if (Tr::O_SEPARATE) release(sm.q_empty, me.lane);  // the last S has landed: Q is free
   // The last tile's P V.
   mbar_wait(sm.v_full(v_ring.stage), v_ring.parity);
   proxy_fence();
@@ -258,7 +256,7 @@ __device__ __forceinline__ void Consumer<Tr>::compute(const flash::FwdParams& p,
   release(sm.v_empty(v_ring.stage), me.lane);  // the next unit's tiles reuse the rings
   v_ring.advance();
   flash::reduce_row_sums(st);
-  write_rows<Tr>(p, t, me, sm, o[0], st[0]);
+  write_rows<Tr>(p, t, me, sm, o[0], st[0], sm.q_tile(buf));
 }
 
 }  // namespace hopper

@@ -98,24 +98,25 @@ struct Producer {
       : sm(sm_), tid(tid_) {}
 
   // The Q tile: row r is sequence row row0 + r = (token j, head g), zeros past `rows`; its
-  // buffer is free once the consumers are done with the previous unit's Q (and, when the
-  // output is staged in it, with that unit's output).
+  // buffer (tile q_tiles % Q_BUFS) is free once the consumers have written the output of the
+  // unit that used it last.
   __device__ __forceinline__ void load_q(const flash::FwdParams& p, const flash::CtaTile& t) {
-    if (q_tiles > 0) mbar_wait(sm.q_empty, (q_tiles - 1) & 1);
+    const int buf = q_tiles % Tr::Q_BUFS, use = q_tiles / Tr::Q_BUFS;
+    if (use > 0) mbar_wait(sm.q_empty(buf), (use - 1) & 1);
     ++q_tiles;
     const char* q = static_cast<const char*>(p.q);
     const int G = t.group, N = p.num_heads, H = t.head_size;
     const long long q_begin = t.q_begin;
     const int head0 = t.kvh * G, row0 = t.row0, rows = t.rows;
     copy_rows<Tr, Tr::BM>(
-        sm.q_addr, H, tid,
+        sm.q_addr(buf), H, tid,
         [=](int r) {
           const int row = row0 + r, j = row / G;
           return q + ((q_begin + j) * N + head0 + (row - j * G)) * H * 2;
         },
         [=](int r) { return row0 + r < rows; });
     flash::cp_async_commit();
-    mbar_arrive_on_copies(sm.q_full);
+    mbar_arrive_on_copies(sm.q_full(buf));
   }
 
   // Key tile kt of the unit whose keys are kv into stage `stage` of both rings (its n-th use:

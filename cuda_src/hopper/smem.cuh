@@ -1,7 +1,7 @@
 // A CTA's dynamic shared memory in the sm90a kernel (hopper/traits.cuh gives the offsets):
-// the Q tile (reused to stage the output unless the tile has an output tile of its own), the K
-// and V rings, each stage's key offsets and hole flag, a persistent CTA's two work-unit slots,
-// and the mbarriers: q_full (the Q copies landed), q_empty (the consumers are done with Q),
+// the Q tile or tiles (each reused to stage its unit's output), the K and V rings, each stage's
+// key offsets and hole flag, a persistent CTA's two work-unit slots, and the mbarriers:
+// q_full[b] (Q tile b's copies landed), q_empty[b] (the consumers are done with Q tile b),
 // full[s] (stage s holds its next tile: the producer's copies landed and its offsets and flag
 // are published), empty[s] (every consumer warp, for K every consumer thread, is done with
 // stage s), unit_full[i] / unit_empty[i] (slot i published / read).
@@ -24,14 +24,14 @@ static_assert(sizeof(UnitSlot) <= 64, "Traits90::UNIT_SLOT_BYTES");
 template <class Tr>
 struct Smem90 {
   unsigned char* base;
-  unsigned base_addr, q_addr, q_full, q_empty;
+  unsigned base_addr;
 
   __device__ __forceinline__ explicit Smem90(unsigned char* b)
       : base(b),
-        base_addr(flash::smem_addr(b)),
-        q_addr(base_addr),
-        q_full(base_addr + Tr::BARS_OFF),
-        q_empty(base_addr + Tr::BARS_OFF + 8) {}
+        base_addr(flash::smem_addr(b)) {}
+
+  __device__ __forceinline__ unsigned q_addr(int b) const { return base_addr + b * Tr::Q_BYTES; }
+  __device__ __forceinline__ unsigned char* q_tile(int b) const { return base + b * Tr::Q_BYTES; }
 
   __device__ __forceinline__ unsigned k_addr(int s) const {
     return base_addr + Tr::K_OFF + s * Tr::KV_BYTES;
@@ -50,26 +50,35 @@ struct Smem90 {
   __device__ __forceinline__ unsigned bar(int i) const {
     return base_addr + Tr::BARS_OFF + 8 * i;
   }
-  __device__ __forceinline__ unsigned k_full(int s) const { return bar(2 + s); }
-  __device__ __forceinline__ unsigned v_full(int s) const { return bar(2 + Tr::STAGES + s); }
-  __device__ __forceinline__ unsigned k_empty(int s) const { return bar(2 + 2 * Tr::STAGES + s); }
-  __device__ __forceinline__ unsigned v_empty(int s) const { return bar(2 + 3 * Tr::STAGES + s); }
-  __device__ __forceinline__ unsigned unit_full(int i) const { return bar(2 + 4 * Tr::STAGES + i); }
+  static constexpr int RING_BAR = 2 * Tr::Q_BUFS;  // the first K/V ring barrier
+  __device__ __forceinline__ unsigned q_full(int b) const { return bar(b); }
+  __device__ __forceinline__ unsigned q_empty(int b) const { return bar(Tr::Q_BUFS + b); }
+  __device__ __forceinline__ unsigned k_full(int s) const { return bar(RING_BAR + s); }
+  __device__ __forceinline__ unsigned v_full(int s) const {
+    return bar(RING_BAR + Tr::STAGES + s);
+  }
+  __device__ __forceinline__ unsigned k_empty(int s) const {
+    return bar(RING_BAR + 2 * Tr::STAGES + s);
+  }
+  __device__ __forceinline__ unsigned v_empty(int s) const {
+    return bar(RING_BAR + 3 * Tr::STAGES + s);
+  }
+  __device__ __forceinline__ unsigned unit_full(int i) const {
+    return bar(RING_BAR + 4 * Tr::STAGES + i);
+  }
   __device__ __forceinline__ unsigned unit_empty(int i) const {
-    return bar(4 + 4 * Tr::STAGES + i);
+    return bar(RING_BAR + 4 * Tr::STAGES + 2 + i);
   }
   __device__ __forceinline__ UnitSlot* unit(int i) const {
     return reinterpret_cast<UnitSlot*>(base + Tr::UNITS_OFF + i * Tr::UNIT_SLOT_BYTES);
   }
-  // Where the output rows are staged: the Q tile, or (O_SEPARATE) a tile of their own.
-  __device__ __forceinline__ unsigned char* out_tile() const {
-    return base + (Tr::O_SEPARATE ? Tr::O_OFF : 0);
-  }
 
   // Thread 0, before the CTA's first barrier: every mbarrier with its expected arrivals.
   __device__ __forceinline__ void init_barriers() const {
-    mbar_init(q_full, Tr::PRODUCER_THREADS);  // one cp.async arrival per producer thread
-    mbar_init(q_empty, Tr::WARPS);             // one per consumer warp
+    for (int b = 0; b < Tr::Q_BUFS; ++b) {
+      mbar_init(q_full(b), Tr::PRODUCER_THREADS);  // one cp.async arrival per producer thread
+      mbar_init(q_empty(b), Tr::WARPS);            // one per consumer warp
+    }
     for (int s = 0; s < Tr::STAGES; ++s) {
       // + one publishing arrival per key row (each writer releases its own row: compute-sanitizer's
       // racecheck does not carry a named barrier's ordering through another thread's arrival)

@@ -50,27 +50,27 @@ struct Traits90 {
   // A persistent producer keeps its unit loop's state live across the copies: 16 more.
   static constexpr int PRODUCER_REGS = PERSISTENT ? 72 : 56;
   static constexpr int CONSUMER_REGS = PERSISTENT ? 216 : 224;
-  // Shared memory: Q, the K ring, the V ring, the output staging tile (O_SEPARATE), the key
-  // offsets and hole flags of each K stage, the work-unit slots (PERSISTENT), then the
-  // mbarriers (q_full, q_empty; per stage k_full, v_full, k_empty, v_empty; PERSISTENT:
-  // unit_full[2], unit_empty[2]).
-  static constexpr int K_OFF = Q_BYTES;
-  static constexpr int V_OFF = K_OFF + STAGES * KV_BYTES;
-  static constexpr int O_OFF = V_OFF + STAGES * KV_BYTES;
+  // Shared memory: Q_BUFS Q tiles, the K ring, the V ring, the key offsets and hole flags of
+  // each K stage, the work-unit slots (PERSISTENT), then the mbarriers (q_full[Q_BUFS],
+  // q_empty[Q_BUFS]; per stage k_full, v_full, k_empty, v_empty; PERSISTENT: unit_full[2],
+  // unit_empty[2]). A unit's output rows are staged in its own Q tile.
   static constexpr int HOLES_BYTES = 16 * ((STAGES * 4 + 15) / 16);
   static constexpr int UNIT_SLOT_BYTES = 64;  // hopper/smem.cuh's UnitSlot
   static constexpr int UNITS_BYTES = PERSISTENT ? 2 * UNIT_SLOT_BYTES : 0;
-  static constexpr int NUM_BARS = 2 + 4 * STAGES + (PERSISTENT ? 4 : 0);
+  static constexpr int RINGS_BYTES = 2 * STAGES * KV_BYTES;
   static constexpr int TAIL_BYTES =
-      STAGES * OFFSETS_BYTES + HOLES_BYTES + UNITS_BYTES + 8 * NUM_BARS;
-  // A persistent CTA stages its output outside Q where it fits, so the next unit's Q loads
-  // while this unit's last P V and output run (Q is free once the last S has landed).
-  static constexpr bool O_SEPARATE = PERSISTENT && O_OFF + Q_BYTES + TAIL_BYTES <= kSmemSm90;
-  static constexpr int O_BYTES = O_SEPARATE ? Q_BYTES : 0;
-  static constexpr int OFFSETS_OFF = O_OFF + O_BYTES;
+      STAGES * OFFSETS_BYTES + HOLES_BYTES + UNITS_BYTES + 8 * (4 + 4 * STAGES + 4);
+  // A persistent CTA double-buffers Q where it fits (every head but 256): the next unit's Q
+  // loads while this unit still computes, and its output is staged in this unit's Q.
+  static constexpr int Q_BUFS =
+      PERSISTENT && 2 * Q_BYTES + RINGS_BYTES + TAIL_BYTES <= kSmemSm90 ? 2 : 1;
+  static constexpr int K_OFF = Q_BUFS * Q_BYTES;
+  static constexpr int V_OFF = K_OFF + STAGES * KV_BYTES;
+  static constexpr int OFFSETS_OFF = V_OFF + STAGES * KV_BYTES;
   static constexpr int HOLES_OFF = OFFSETS_OFF + STAGES * OFFSETS_BYTES;
   static constexpr int UNITS_OFF = HOLES_OFF + HOLES_BYTES;
   static constexpr int BARS_OFF = UNITS_OFF + UNITS_BYTES;
+  static constexpr int NUM_BARS = 2 * Q_BUFS + 4 * STAGES + (PERSISTENT ? 4 : 0);
   static constexpr int SMEM_BYTES = BARS_OFF + 8 * NUM_BARS;
 
   static_assert(sizeof(T) == 2, "fp16 / bf16 only");
