@@ -56,26 +56,26 @@ class Tile90:
 
     @property
     def smem_bytes(self):
-        """Mirrors Traits90::SMEM_BYTES: ``q_buffers`` Q tiles, STAGES K and V tiles of 128-byte
+        """Mirrors Traits90::SMEM_BYTES (``_bytes`` with ``q_buffers`` Q tiles)."""
+        return self._bytes(self.q_buffers)
+
+    @property
+    def q_buffers(self):
+        """Q tiles (Traits90::Q_BUFS): 2 for a persistent tile where they fit (the next unit's Q
+        loads while this one computes), else 1."""
+        return 2 if self.persistent and self._bytes(2) <= SMEM_LIMIT else 1
+
+    def _bytes(self, q_buffers):
+        """Shared memory with ``q_buffers`` Q tiles: those, STAGES K and V tiles of 128-byte
         panels, each stage's 4-byte key rows, the hole flags (16-byte rounded), a persistent
         tile's two 64-byte unit slots, the mbarriers (2 per Q tile, 4 per stage, 4 persistent)."""
         panels = -(-self.head // 64)
         q, kv = self.bm * panels * 128, self.bn * panels * 128
         holes = 16 * -(-(self.stages * 4) // 16)
         units = 2 * 64 if self.persistent else 0
-        bars = 2 * self.q_buffers + 4 * self.stages + (4 if self.persistent else 0)
-        return self.q_buffers * q + 2 * self.stages * kv + self.stages * self.bn * 4 + holes \
+        bars = 2 * q_buffers + 4 * self.stages + (4 if self.persistent else 0)
+        return q_buffers * q + 2 * self.stages * kv + self.stages * self.bn * 4 + holes \
             + units + 8 * bars
-
-    @property
-    def q_buffers(self):
-        """Q tiles (Traits90::Q_BUFS): 2 for a persistent tile where they fit (the next unit's Q
-        loads while this one computes), else 1."""
-        panels = -(-self.head // 64)
-        q, kv = self.bm * panels * 128, self.bn * panels * 128
-        tail = self.stages * self.bn * 4 + 16 * -(-(self.stages * 4) // 16) \
-            + (2 * 64 if self.persistent else 0) + 8 * (4 + 4 * self.stages + 4)
-        return 2 if self.persistent and 2 * q + 2 * self.stages * kv + tail <= SMEM_LIMIT else 1
 
 
 def padded_head(head_size):
