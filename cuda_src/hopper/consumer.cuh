@@ -105,7 +105,7 @@ struct Turns {
 // 16-byte chunks.
 template <class Tr>
 __device__ __forceinline__ void write_rows(const flash::FwdParams& p, const flash::CtaTile& t,
-                                           const ConsumerRole& me, const Smem90<Tr>& sm,
+                                           const ConsumerRole& me,
                                            const float (&o)[Tr::DFRAG][4],
                                            const softmax::RowState (&st)[2],
                                            unsigned char* staged) {
@@ -196,7 +196,7 @@ __device__ __forceinline__ void Consumer<Tr>::compute(const flash::FwdParams& p,
 
   mbar_wait(sm.q_full(buf), q_parity);
   if (t.my_hi <= t.my_lo) {  // no key tile: the rows see no key (o = 0)
-    write_rows<Tr>(p, t, me, sm, o[0], st[0], sm.q_tile(buf));
+    write_rows<Tr>(p, t, me, o[0], st[0], sm.q_tile(buf));
     return;
   }
   unsigned pa[Tr::BN / 16][4];  // P of the previous tile
@@ -256,7 +256,7 @@ __device__ __forceinline__ void Consumer<Tr>::compute(const flash::FwdParams& p,
   release(sm.v_empty(v_ring.stage), me.lane);  // the next unit's tiles reuse the rings
   v_ring.advance();
   flash::reduce_row_sums(st);
-  write_rows<Tr>(p, t, me, sm, o[0], st[0], sm.q_tile(buf));
+  write_rows<Tr>(p, t, me, o[0], st[0], sm.q_tile(buf));
 }
 
 }  // namespace hopper
