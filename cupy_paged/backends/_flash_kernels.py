@@ -218,28 +218,27 @@ class ForwardStep:
             self.combine(po_p, pl_p, out, fault, sink, stream=stream)
 
     def _counter(self, stream):
-        """The address of the stream's persistent-grid unit counter (``stream_counter``),
-        remembered for the last stream this step ran on."""
-        import cupy
-
-        if stream is None:
-            stream = cupy.cuda.get_current_stream().ptr
-        held = self._held_counter
-        if held is None or held[0] != stream:
-            held = self._held_counter = (stream, stream_counter(cupy, self.device, stream))
-        return held[1].data.ptr
+        """The address of the stream's persistent-grid unit counter (``stream_counter``)."""
+        return self._per_stream("_held_counter", stream, lambda cupy, s: stream_counter(
+            cupy, self.device, s)).data.ptr
 
     def _workspace(self, stream):
-        """The stream's workspace, remembered for the last stream this step ran on (a
-        workspace is never freed, so one the stream has outgrown since stays valid)."""
+        """The stream's workspace (a workspace is never freed, so one the stream has outgrown
+        since stays valid)."""
+        return self._per_stream("_held", stream, lambda cupy, s: stream_workspace(
+            cupy, self.device, s, *workspace_shape(self.problem, self.splits)))
+
+    def _per_stream(self, attr, stream, make):
+        """make(cupy, stream)'s buffer for ``stream`` (a handle; None: the current CuPy stream),
+        remembered in ``attr`` as (stream, buffer) for the last stream this step ran on."""
         import cupy
 
         if stream is None:
             stream = cupy.cuda.get_current_stream().ptr
-        held = self._held
+        held = getattr(self, attr)
         if held is None or held[0] != stream:
-            held = self._held = (stream, stream_workspace(
-                cupy, self.device, stream, *workspace_shape(self.problem, self.splits)))
+            held = (stream, make(cupy, stream))
+            setattr(self, attr, held)
         return held[1]
 
     def _check_workspace(self, workspace):
